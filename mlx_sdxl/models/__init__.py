@@ -1,0 +1,1 @@
+"""Pure-MLX model definitions (NHWC activations, diffusers parameter names)."""
