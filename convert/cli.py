@@ -1,0 +1,41 @@
+"""Command line for convert/: `python -m convert ...` and `mlx-sdxl convert ...`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from mlx_sdxl.errors import SDXLError
+
+
+def build_parser(prog: str = "python -m convert") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Convert SDXL weights into an MLX-native folder.")
+    p.add_argument("--base", required=True, help="hub id, diffusers folder or single-file .safetensors")
+    p.add_argument("--refiner", help="the refiner, in any of the same forms")
+    p.add_argument("--vae", help="a replacement VAE (folder or .safetensors), e.g. the fp16-fix VAE")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--refiner-bits", type=int, choices=[2, 3, 4, 5, 6, 8], help="quantize the refiner UNet")
+    p.add_argument("--base-bits", type=int, choices=[2, 3, 4, 5, 6, 8], help="quantize the base UNet")
+    p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128])
+    p.add_argument("--linear-only", action="store_true", help="quantize Linear layers only, keep convs dense")
+    p.add_argument("--tokenizer", help="folder holding tokenizer/ and tokenizer_2/ (for single files)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv: Optional[List[str]] = None, prog: str = "python -m convert") -> int:
+    args = build_parser(prog).parse_args(argv)
+    from .export import convert
+
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        convert(args.base, args.out, refiner=args.refiner, vae=args.vae, dtype=args.dtype,
+                refiner_bits=args.refiner_bits, base_bits=args.base_bits, group_size=args.group_size,
+                convs=not args.linear_only, overwrite=args.overwrite, tokenizer=args.tokenizer, log=log)
+    except (SDXLError, OSError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
