@@ -1,0 +1,501 @@
+"""The SDXL UNet (base and refiner) in MLX: NHWC activations, diffusers parameter names.
+
+    emb  = time_embedding(sinusoid(t)) + add_embedding([text_embeds, sinusoid(time_ids)])
+    h    = conv_in(x)
+    down : per level, resnet (+ transformer) × layers_per_block, then a stride-2 conv
+    mid  : resnet, transformer, resnet
+    up   : per level, cat([h, skip]) → resnet (+ transformer), layers_per_block + 1 times, then 2× upsample
+    out  = conv_out(silu(conv_norm_out(h)))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..errors import ConfigError, InputError, WeightsError
+from ..weights import apply_weights, load_folder_weights, parse_dtype, read_config, torch_to_mlx
+from .blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D, group_norm
+
+DOWN_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
+UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
+
+# unet/config.json of stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0 (facts §1.1).
+_COMMON = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_type": "default",
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_norm": None,
+    "downsample_padding": 1,
+    "dropout": 0.0,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+SDXL_BASE_CONFIG = {
+    **_COMMON,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "projection_class_embeddings_input_dim": 2816,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+}
+SDXL_REFINER_CONFIG = {
+    **_COMMON,
+    "attention_head_dim": [6, 12, 24, 24],
+    "block_out_channels": [384, 768, 1536, 1536],
+    "cross_attention_dim": 1280,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "projection_class_embeddings_input_dim": 2560,
+    "transformer_layers_per_block": 4,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+}
+
+# config.json keys that must hold one of the listed values (anything else is unsupported).
+_FIXED = {
+    "addition_embed_type": ("text_time",),
+    "time_embedding_type": ("positional",),
+    "mid_block_type": ("UNetMidBlock2DCrossAttn",),
+    "act_fn": ("silu",),
+    "resnet_time_scale_shift": ("default",),
+    "use_linear_projection": (True,),
+    "attention_type": ("default",),
+    "center_input_sample": (False,),
+    "only_cross_attention": (False,),
+    "dual_cross_attention": (False,),
+    "mid_block_only_cross_attention": (None, False),
+    "class_embeddings_concat": (False,),
+    "resnet_skip_time_act": (False,),
+    "mid_block_scale_factor": (1,),
+    "resnet_out_scale_factor": (1,),
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "time_cond_proj_dim": (None,),
+    "time_embedding_dim": (None,),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "cross_attention_norm": (None,),
+    "reverse_transformer_layers_per_block": (None,),
+}
+# diffusers' defaults for the keys above where the default is not supported.
+_MISSING = {"addition_embed_type": None, "use_linear_projection": False}
+# Keys without effect on inference here.
+_IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "sample_size", "dropout",
+            "upcast_attention", "addition_embed_type_num_heads"}
+
+
+def _per_level(name: str, value, n: int) -> Tuple[int, ...]:
+    """An int (same for every level) or one int per level → a tuple of n ints."""
+    if isinstance(value, bool):
+        raise ConfigError(f"UNet config: {name}={value!r}; accepted: an int or a list of {n} ints")
+    if isinstance(value, int):
+        return (value,) * n
+    if isinstance(value, (list, tuple)) and len(value) == n and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return tuple(value)
+    raise ConfigError(f"UNet config: {name}={value!r}; accepted: an int or a list of {n} ints "
+                      f"(one per level; nested per-layer lists are not supported)")
+
+
+@dataclass
+class UNetConfig:
+    """UNet2DConditionModel settings that mlx_sdxl supports (defaults are diffusers').
+
+    Per-level fields accept an int (same for every level) and are stored as tuples.
+    `num_attention_heads` holds head counts: in diffusers configs they live in
+    `attention_head_dim` (the naming trap), which `from_dict` resolves.
+    Use `UNetConfig.sdxl_base()` / `sdxl_refiner()` for the released models.
+    """
+
+    addition_time_embed_dim: int
+    projection_class_embeddings_input_dim: int
+    block_out_channels: Tuple[int, ...] = (320, 640, 1280, 1280)
+    down_block_types: Tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: Tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    layers_per_block: Tuple[int, ...] = 2
+    transformer_layers_per_block: Tuple[int, ...] = 1
+    num_attention_heads: Tuple[int, ...] = 8
+    cross_attention_dim: int = 1280
+    in_channels: int = 4
+    out_channels: int = 4
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    downsample_padding: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.block_out_channels, (list, tuple)) or not self.block_out_channels or any(
+                not isinstance(c, int) or c <= 0 for c in self.block_out_channels):
+            raise ConfigError(f"UNet config: block_out_channels={self.block_out_channels!r}; accepted: a list of "
+                              "positive ints, one per level")
+        n = len(self.block_out_channels)
+        self.block_out_channels = tuple(self.block_out_channels)
+        self.down_block_types = tuple(self.down_block_types)
+        self.up_block_types = tuple(self.up_block_types)
+        for name, types, accepted in (("down_block_types", self.down_block_types, DOWN_TYPES),
+                                      ("up_block_types", self.up_block_types, UP_TYPES)):
+            if len(types) != n:
+                raise ConfigError(f"UNet config: {name} has {len(types)} entries but block_out_channels has {n}")
+            bad = [t for t in types if t not in accepted]
+            if bad:
+                raise ConfigError(f"UNet config: unsupported {name} {bad}; accepted: {', '.join(accepted)}")
+        for name in ("layers_per_block", "transformer_layers_per_block", "num_attention_heads"):
+            setattr(self, name, _per_level(name, getattr(self, name), n))
+        if isinstance(self.cross_attention_dim, (list, tuple)) and len(set(self.cross_attention_dim)) == 1:
+            self.cross_attention_dim = self.cross_attention_dim[0]  # the same context feeds every level
+        if not isinstance(self.cross_attention_dim, int) or self.cross_attention_dim <= 0:
+            raise ConfigError(f"UNet config: cross_attention_dim={self.cross_attention_dim!r}; accepted: "
+                              "one positive int (the width of the text embeddings)")
+        g = self.norm_num_groups
+        if not isinstance(g, int) or g <= 0 or any(c % g for c in self.block_out_channels):
+            raise ConfigError(f"UNet config: norm_num_groups={g!r} must be a positive int dividing every "
+                              f"entry of block_out_channels {list(self.block_out_channels)}")
+        for c, h in zip(self.block_out_channels, self.num_attention_heads):
+            if h <= 0 or c % h:
+                raise ConfigError(f"UNet config: {c} channels cannot be split into {h} attention heads "
+                                  "(attention_head_dim / num_attention_heads hold head counts); the head "
+                                  "count must divide the level's channel count")
+        for k in ("conv_in_kernel", "conv_out_kernel"):
+            if getattr(self, k) % 2 != 1:
+                raise ConfigError(f"UNet config: {k}={getattr(self, k)}; accepted: an odd kernel size")
+        if self.downsample_padding not in (0, 1):
+            raise ConfigError(f"UNet config: downsample_padding={self.downsample_padding}; accepted: 0 or 1")
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.block_out_channels[0]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        """Read a diffusers unet/config.json dict; unsupported settings raise ConfigError."""
+        if d.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+            raise ConfigError(f"UNet config: _class_name={d['_class_name']!r}; accepted: UNet2DConditionModel")
+        for key, accepted in _FIXED.items():
+            value = d.get(key, _MISSING.get(key, accepted[0]))
+            if value not in accepted:
+                raise ConfigError(f"UNet config: unsupported {key}={value!r}; accepted: "
+                                  + " or ".join(repr(a) for a in accepted))
+        names = {f.name for f in dataclasses.fields(cls)} - {"num_attention_heads"}
+        unknown = sorted(set(d) - names - set(_FIXED) - _IGNORED - {"attention_head_dim", "num_attention_heads"})
+        if unknown:
+            raise ConfigError(f"UNet config: unknown keys {unknown}; this UNet2DConditionModel setting is not supported")
+        for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+            if not isinstance(d.get(key), int) or isinstance(d.get(key), bool):
+                raise ConfigError(f"UNet config: {key}={d.get(key)!r}; accepted: an int (SDXL 'text_time' conditioning)")
+        kwargs = {k: d[k] for k in names if k in d}
+        # diffusers: num_attention_heads = num_attention_heads or attention_head_dim (both are head counts).
+        heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
+        return cls(num_attention_heads=heads, **kwargs)
+
+    @classmethod
+    def sdxl_base(cls) -> "UNetConfig":
+        return cls.from_dict(SDXL_BASE_CONFIG)
+
+    @classmethod
+    def sdxl_refiner(cls) -> "UNetConfig":
+        return cls.from_dict(SDXL_REFINER_CONFIG)
+
+
+def timestep_embedding(t: mx.array, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0) -> mx.array:
+    """Sinusoidal embedding of float32 values t (N,) → (N, dim), computed in float32."""
+    half = dim // 2
+    freqs = mx.exp(-math.log(10000) * mx.arange(half, dtype=mx.float32) / (half - freq_shift))
+    x = t.astype(mx.float32)[:, None] * freqs[None]
+    parts = [mx.cos(x), mx.sin(x)] if flip_sin_to_cos else [mx.sin(x), mx.cos(x)]
+    if dim % 2:
+        parts.append(mx.zeros_like(x[:, :1]))
+    return mx.concatenate(parts, axis=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear_2(nn.silu(self.linear_1(x)))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        h, gate = mx.split(self.proj(x), 2, axis=-1)
+        return h * nn.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """diffusers' FeedForward: net = [GEGLU, Dropout, Linear] (net.1 has no weights)."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = [GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn1 = Attention(dim, heads, dim // heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn2 = Attention(dim, heads, dim // heads, cross_attention_dim=context_dim)
+        self.norm3 = nn.LayerNorm(dim, eps=1e-5)
+        self.ff = FeedForward(dim)
+
+    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm → tokens → proj_in → transformer blocks → proj_out → back to NHWC, plus the input."""
+
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int):
+        super().__init__()
+        self.norm = group_norm(channels, 1e-6, groups)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = [BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)]
+        self.proj_out = nn.Linear(channels, channels)
+
+    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+        b, h, w, c = x.shape
+        y = self.proj_in(self.norm(x).reshape(b, h * w, c))
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        return x + self.proj_out(y).reshape(b, h, w, c)
+
+
+class DownBlock(nn.Module):
+    """DownBlock2D, or CrossAttnDownBlock2D when `heads` is given."""
+
+    def __init__(self, cin: int, cout: int, temb: int, layers: int, add_downsample: bool, cfg: UNetConfig,
+                 heads: Optional[int] = None, depth: int = 1, context_dim: int = 0):
+        super().__init__()
+        g, eps = cfg.norm_num_groups, cfg.norm_eps
+        self.resnets = [ResnetBlock2D(cin if i == 0 else cout, cout, temb, g, eps) for i in range(layers)]
+        if heads is not None:
+            self.attentions = [Transformer2DModel(cout, heads, depth, context_dim, g) for _ in range(layers)]
+        if add_downsample:
+            self.downsamplers = [Downsample2D(cout, padding=cfg.downsample_padding)]
+
+    def __call__(self, x, temb, context):
+        skips = []
+        attns = self.get("attentions") or [None] * len(self.resnets)
+        for resnet, attn in zip(self.resnets, attns):
+            x = resnet(x, temb)
+            if attn is not None:
+                x = attn(x, context)
+            skips.append(x)
+        if "downsamplers" in self:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(nn.Module):
+    """UpBlock2D, or CrossAttnUpBlock2D when `heads` is given. Skip widths are given innermost-last."""
+
+    def __init__(self, cin: int, skip_channels: Sequence[int], cout: int, temb: int, add_upsample: bool,
+                 cfg: UNetConfig, heads: Optional[int] = None, depth: int = 1, context_dim: int = 0):
+        super().__init__()
+        g, eps = cfg.norm_num_groups, cfg.norm_eps
+        self.resnets = [ResnetBlock2D((cin if i == 0 else cout) + s, cout, temb, g, eps)
+                        for i, s in enumerate(skip_channels)]
+        if heads is not None:
+            self.attentions = [Transformer2DModel(cout, heads, depth, context_dim, g) for _ in skip_channels]
+        if add_upsample:
+            self.upsamplers = [Upsample2D(cout)]
+
+    def __call__(self, x, skips, temb, context, size=None):
+        attns = self.get("attentions") or [None] * len(self.resnets)
+        for resnet, attn in zip(self.resnets, attns):
+            x = resnet(mx.concatenate([x, skips.pop()], axis=-1), temb)
+            if attn is not None:
+                x = attn(x, context)
+        if "upsamplers" in self:
+            x = self.upsamplers[0](x, size)
+        return x
+
+
+class MidBlock(nn.Module):
+    """UNetMidBlock2DCrossAttn: resnet, transformer, resnet."""
+
+    def __init__(self, channels: int, temb: int, heads: int, depth: int, context_dim: int, cfg: UNetConfig):
+        super().__init__()
+        g, eps = cfg.norm_num_groups, cfg.norm_eps
+        self.resnets = [ResnetBlock2D(channels, channels, temb, g, eps) for _ in range(2)]
+        self.attentions = [Transformer2DModel(channels, heads, depth, context_dim, g)]
+
+    def __call__(self, x, temb, context):
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context)
+        return self.resnets[1](x, temb)
+
+
+class UNet2DConditionModel(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        cfg, ch = config, config.block_out_channels
+        temb, n = config.time_embed_dim, len(ch)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], cfg.conv_in_kernel, padding=cfg.conv_in_kernel // 2)
+        self.time_embedding = TimestepEmbedding(ch[0], temb)
+        self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb)
+
+        def attn_args(i, cross):
+            if not cross:
+                return {}
+            return dict(heads=cfg.num_attention_heads[i], depth=cfg.transformer_layers_per_block[i],
+                        context_dim=cfg.cross_attention_dim)
+
+        self.down_blocks = []
+        skip_channels = [ch[0]]
+        for i, kind in enumerate(cfg.down_block_types):
+            cin = ch[max(i - 1, 0)]
+            last = i == n - 1
+            self.down_blocks.append(DownBlock(cin, ch[i], temb, cfg.layers_per_block[i], not last, cfg,
+                                              **attn_args(i, kind == "CrossAttnDownBlock2D")))
+            skip_channels += [ch[i]] * (cfg.layers_per_block[i] + (0 if last else 1))
+
+        self.mid_block = MidBlock(ch[-1], temb, cfg.num_attention_heads[-1], cfg.transformer_layers_per_block[-1],
+                                  cfg.cross_attention_dim, cfg)
+
+        self.up_blocks = []
+        cin = ch[-1]
+        for i, kind in enumerate(cfg.up_block_types):
+            level = n - 1 - i
+            count = cfg.layers_per_block[level] + 1
+            skips = [skip_channels.pop() for _ in range(count)]
+            self.up_blocks.append(UpBlock(cin, skips, ch[level], temb, i < n - 1, cfg,
+                                          **attn_args(level, kind == "CrossAttnUpBlock2D")))
+            cin = ch[level]
+
+        self.conv_norm_out = group_norm(ch[0], cfg.norm_eps, cfg.norm_num_groups)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, cfg.conv_out_kernel, padding=cfg.conv_out_kernel // 2)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.conv_in.weight.dtype
+
+    def _check_inputs(self, sample, context, text_embeds, time_ids):
+        cfg = self.config
+        if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
+            raise InputError(f"UNet sample must be NHWC (B, H, W, {cfg.in_channels}); got shape {tuple(sample.shape)}")
+        b = sample.shape[0]
+        if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != cfg.cross_attention_dim:
+            raise InputError(f"encoder_hidden_states must have shape ({b}, tokens, {cfg.cross_attention_dim}); "
+                             f"got {tuple(context.shape)}")
+        if text_embeds is None or time_ids is None:
+            raise InputError("this UNet uses SDXL micro-conditioning: pass text_embeds (pooled text "
+                             "embedding) and time_ids")
+        if text_embeds.ndim != 2 or time_ids.ndim != 2 or text_embeds.shape[0] != b or time_ids.shape[0] != b:
+            raise InputError(f"text_embeds and time_ids must be 2-D with batch {b}; got "
+                             f"{tuple(text_embeds.shape)} and {tuple(time_ids.shape)}")
+        width = text_embeds.shape[1] + time_ids.shape[1] * cfg.addition_time_embed_dim
+        if width != cfg.projection_class_embeddings_input_dim:
+            raise InputError(
+                f"text_embeds {tuple(text_embeds.shape)} + {time_ids.shape[1]} time ids × "
+                f"{cfg.addition_time_embed_dim} = {width} features, but add_embedding takes "
+                f"{cfg.projection_class_embeddings_input_dim} (e.g. 1280 pooled + 6 ids for the base, "
+                "+ 5 ids for the refiner)")
+
+    def __call__(self, sample: mx.array, timestep, encoder_hidden_states: mx.array,
+                 text_embeds: Optional[mx.array] = None, time_ids: Optional[mx.array] = None) -> mx.array:
+        """Noise prediction (B, H, W, out_channels) for NHWC `sample` at `timestep` (scalar or (B,))."""
+        cfg, dtype = self.config, self.dtype
+        self._check_inputs(sample, encoder_hidden_states, text_embeds, time_ids)
+        b = sample.shape[0]
+        x = sample.astype(dtype)
+        context = encoder_hidden_states.astype(dtype)
+
+        t = timestep.astype(mx.float32) if isinstance(timestep, mx.array) else mx.array(timestep, dtype=mx.float32)
+        if t.size not in (1, b) or t.ndim > 1:
+            raise InputError(f"timestep must be a scalar or have shape ({b},); got shape {tuple(t.shape)}")
+        t = mx.broadcast_to(t.reshape(-1), (b,))
+        t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        ids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                                 cfg.freq_shift).reshape(b, -1)
+        add = mx.concatenate([text_embeds.astype(dtype), ids.astype(dtype)], axis=-1)
+        emb = self.time_embedding(t_emb.astype(dtype)) + self.add_embedding(add)
+
+        x = self.conv_in(x)
+        skips = [x]
+        for block in self.down_blocks:
+            x, s = block(x, emb, context)
+            skips += s
+        x = self.mid_block(x, emb, context)
+        for block in self.up_blocks:
+            count = len(block.resnets)
+            target = skips[-count - 1].shape[1:3] if len(skips) > count else None
+            x = block(x, skips, emb, context, target)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+def unet_from_weights(config: UNetConfig, weights: dict, dtype=None) -> UNet2DConditionModel:
+    """Build the UNet and load `weights` (diffusers names, PyTorch layout), lazily."""
+    model = UNet2DConditionModel(config)
+    apply_weights(model, torch_to_mlx(weights), "UNet", dtype=parse_dtype(dtype))
+    return model
+
+
+def load_unet(path, dtype=None, variant: Optional[str] = None) -> UNet2DConditionModel:
+    """Load a diffusers `unet/` folder (config.json + diffusion_pytorch_model[.fp16].safetensors,
+    possibly sharded). `dtype` casts the weights (None keeps the file's); nothing is evaluated."""
+    if not Path(path).is_dir():
+        raise WeightsError(f"UNet folder not found: {path} (expected a diffusers unet/ folder holding "
+                           "config.json and diffusion_pytorch_model[.fp16].safetensors)")
+    config = UNetConfig.from_dict(read_config(path))
+    weights = load_folder_weights(path, ["diffusion_pytorch_model"], variant)
+    return unet_from_weights(config, weights, dtype)
