@@ -109,9 +109,9 @@ class SDXLPipeline:
         from .sources import is_converted, vae_source
 
         if refiner_bits is not None:
-            from .quantize import check_quantization
+            from .quantize import check_settings
 
-            check_quantization(refiner_bits)
+            check_settings(refiner_bits, 64)
         base_path = Path(str(base)).expanduser()
         if refiner is None and base_path.is_dir() and (base_path / "manifest.json").is_file() \
                 and (base_path / REFINER).is_dir() and is_converted(base_path):
@@ -431,12 +431,29 @@ class SDXLPipeline:
                     if self.low_memory:
                         self._release(self.refiner, "unet")
                 self.last_seed = seed
-                return self._finish(x, output_type, callback)
+                settings = dict(
+                    mode="generate", prompt=prompt, negative_prompt=negative_prompt, seed=seed,
+                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                    guidance_rescale=guidance_rescale, high_noise_frac=high_noise_frac if use_refiner else None,
+                    scheduler=scheduler, width=width, height=height, clip_skip=clip_skip,
+                    aesthetic_score=aesthetic_score if use_refiner else None)
+                return self._finish(x, output_type, callback, settings)
             except Cancelled:
                 mx.clear_cache()
                 return None
 
-    def _finish(self, x, output_type, callback):
+    def _settings(self, settings: dict) -> dict:
+        out = {k: v for k, v in settings.items() if v is not None}
+        out.update(model=self.base.description, dtype=str(self.dtype).replace("mlx.core.", ""))
+        if self.refiner is not None and (settings.get("high_noise_frac") or settings.get("mode") == "refine"):
+            out["refiner"] = self.refiner.description
+            if self.refiner_bits:
+                out["refiner_bits"] = self.refiner_bits
+        if self.vae_source is not self.base:
+            out["vae"] = self.vae_source.description
+        return out
+
+    def _finish(self, x, output_type, callback, settings):
         if output_type == "latent":
             return x
         t0 = time.perf_counter()
@@ -449,7 +466,15 @@ class SDXLPipeline:
             return images
         from PIL import Image
 
-        return [Image.fromarray((img * 255).round().astype(np.uint8)) for img in images]
+        from .metadata import attach_metadata
+
+        settings = self._settings(settings)
+        pil = []
+        for i, img in enumerate(images):
+            image = Image.fromarray((img * 255).round().astype(np.uint8))
+            attach_metadata(image, dict(settings, batch_index=i) if len(images) > 1 else settings)
+            pil.append(image)
+        return pil
 
     def decode_latents(self, latents: mx.array) -> np.ndarray:
         """Latents (scheduler space) → NHWC float32 images in [0, 1]."""
@@ -478,10 +503,7 @@ class SDXLPipeline:
                                       scheduler, num_images_per_prompt)
         if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise InputError(f"strength must be in (0, 1], got {strength!r}")
-        start = img2img_start(num_inference_steps, strength)
-        if start >= num_inference_steps:
-            raise InputError(f"strength {strength} with {num_inference_steps} steps leaves no step to run; "
-                             "raise strength or num_inference_steps")
+        start = img2img_start(num_inference_steps, strength)  # refuses a strength that leaves no step
         pixels = self._image_array(image)
         batch = len(prompts) * num_images_per_prompt
         if pixels.shape[0] not in (1, batch):
@@ -525,7 +547,12 @@ class SDXLPipeline:
                                   guidance_rescale, step_key, callback, num_inference_steps - start)
                 del unet, cond
                 self.last_seed = seed
-                return self._finish(x, output_type, callback)
+                settings = dict(mode="refine", prompt=prompt, negative_prompt=negative_prompt, seed=seed,
+                                strength=strength, num_inference_steps=num_inference_steps,
+                                guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                                scheduler=scheduler, width=w, height=h, clip_skip=clip_skip,
+                                aesthetic_score=aesthetic_score if stage == REFINER else None)
+                return self._finish(x, output_type, callback, settings)
             except Cancelled:
                 mx.clear_cache()
                 return None

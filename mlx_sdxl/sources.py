@@ -144,7 +144,8 @@ def diffusers_folder(path, role: Optional[str] = None, variant: Optional[str] = 
         configs[name] = read_config(folder)
         files = find_weights(folder, stems[name], variant)
         fps[name] = file_fingerprint(files)
-        loaders[name] = (lambda fn, folder: (lambda dtype=None: fn(folder, dtype=dtype)))(load_fns[name], folder)
+        loaders[name] = (lambda fn, folder: (lambda dtype=None: fn(folder, dtype=dtype, variant=variant)))(
+            load_fns[name], folder)
     tokenizers = {
         name: (lambda folder: (lambda: load_tokenizer(folder)))(path / name)
         for name in TOKENIZERS if (path / name).is_dir()

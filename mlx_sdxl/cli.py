@@ -1,0 +1,414 @@
+"""The `mlx-sdxl` command.
+
+    mlx-sdxl generate "a red fox in snow" --model PATH [--refiner PATH] [--seed 1 2 3]
+    mlx-sdxl generate --from fox-1.png --steps 50      # re-run stored settings, overriding some
+    mlx-sdxl generate "sharper" --model PATH --image photo.png --strength 0.3
+    mlx-sdxl info fox-1.png
+    mlx-sdxl convert ... / mlx-sdxl bench ...
+
+Bad input exits with code 2 and one `mlx-sdxl: error: ...` line on stderr,
+before any model is loaded and without writing a file. Progress goes to
+stderr; the paths of the written images go to stdout, one per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from . import __version__
+from .errors import InputError, SDXLError
+from .metadata import attach_metadata, default_filename, read_metadata, save_png
+from .progress import Progress
+from .schedulers import SCHEDULERS
+
+PROG = "mlx-sdxl"
+DTYPES = ("float16", "bfloat16", "float32")
+REFINER_BITS = (2, 3, 4, 5, 6, 8)
+MAX_SEED = 2**32 - 1
+
+# Settings a run is made of; every flag below has default None so that we know
+# which ones the user gave (they override what `--from IMAGE` recorded).
+DEFAULTS = {
+    "prompt": None,
+    "negative_prompt": None,
+    "model": None,
+    "refiner": None,
+    "vae": None,
+    "num_inference_steps": 40,
+    "high_noise_frac": 0.8,
+    "guidance_scale": 5.0,
+    "guidance_rescale": 0.0,
+    "scheduler": "euler",
+    "width": 1024,
+    "height": 1024,
+    "refiner_bits": None,
+    "low_memory": False,
+    "dtype": None,  # float16 on GPU backends, float32 on the CPU backend
+    "image": None,
+    "strength": 0.3,
+}
+# Recorded names that are display names, not loadable paths, when they come from another tool's infotext.
+_NAME_ONLY = ("model", "refiner", "vae")
+
+
+class CLIError(SDXLError):
+    """A bad command line (conflicting or out-of-range flags)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def default_dtype() -> str:
+    """float16 where MLX runs on a GPU (Metal, CUDA); float32 on the CPU backend, where fp16 is far slower."""
+    import mlx.core as mx
+
+    for backend in ("metal", "cuda"):
+        module = getattr(mx, backend, None)
+        try:
+            if module is not None and module.is_available():
+                return "float16"
+        except Exception:  # a backend module without is_available
+            pass
+    return "float16" if mx.default_device().type == mx.DeviceType.gpu else "float32"
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Stable Diffusion XL (base + refiner) in MLX.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate images (or refine an existing one)",
+                       description="Generate images with SDXL; each writes a PNG that records its settings.")
+    g.add_argument("prompt", nargs="?", help="the prompt (optional with --from)")
+    g.add_argument("--negative-prompt", dest="negative_prompt", metavar="TEXT")
+    g.add_argument("--from", dest="from_image", metavar="IMAGE",
+                   help="re-run the settings stored in IMAGE; flags given here override them")
+
+    m = g.add_argument_group("models")
+    m.add_argument("--model", metavar="ID|PATH", help="the SDXL base model (required unless --from)")
+    m.add_argument("--refiner", metavar="ID|PATH|none", help="the SDXL refiner; 'none' for base only (default)")
+    m.add_argument("--vae", metavar="PATH", help="a replacement VAE (e.g. the fp16-fix VAE)")
+
+    s = g.add_argument_group("sampling")
+    s.add_argument("--steps", dest="num_inference_steps", type=int, metavar="N", help="total steps (default 40)")
+    s.add_argument("--high-noise-frac", dest="high_noise_frac", type=float, metavar="F",
+                   help="share of the schedule the base runs before the refiner (default 0.8)")
+    s.add_argument("--guidance", dest="guidance_scale", type=float, metavar="CFG",
+                   help="classifier-free guidance scale (default 5.0)")
+    s.add_argument("--scheduler", choices=SCHEDULERS, help="sampler (default euler)")
+
+    z = g.add_argument_group("size and count")
+    z.add_argument("--width", type=int, help="image width, a multiple of 8 (default 1024)")
+    z.add_argument("--height", type=int, help="image height, a multiple of 8 (default 1024)")
+    z.add_argument("--seed", dest="seeds", type=int, nargs="+", metavar="S",
+                   help="one image per seed (default: a random seed, recorded in the PNG)")
+    z.add_argument("--n-images", dest="n_images", type=int, metavar="N",
+                   help="number of images; with one --seed S, uses seeds S, S+1, ...")
+
+    p = g.add_argument_group("memory and precision")
+    p.add_argument("--refiner-bits", dest="refiner_bits", type=int, choices=REFINER_BITS,
+                   help="quantize the refiner UNet to this many bits")
+    p.add_argument("--low-memory", dest="low_memory", action="store_true", default=None,
+                   help="release each model when its stage is done; tiled VAE decode")
+    p.add_argument("--dtype", choices=DTYPES, help="float16 on GPU backends, float32 on CPU (default)")
+
+    o = g.add_argument_group("output")
+    o.add_argument("--output", "-o", metavar="PATH|DIR",
+                   help="a .png file (one image) or a directory (default: the current directory)")
+    o.add_argument("--overwrite", action="store_true", help="replace existing files")
+    o.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+    r = g.add_argument_group("refining an existing image")
+    r.add_argument("--image", metavar="PATH", help="img2img: refine this image instead of starting from noise")
+    r.add_argument("--strength", type=float, metavar="F", help="share of the schedule re-run (default 0.3)")
+
+    i = sub.add_parser("info", help="print the generation settings stored in a PNG")
+    i.add_argument("image", metavar="IMAGE")
+    i.add_argument("--json", action="store_true", help="print the full settings as JSON")
+
+    sub.add_parser("convert", help="convert checkpoints (see 'mlx-sdxl convert --help')", add_help=False)
+    sub.add_parser("bench", help="benchmarks (see 'mlx-sdxl bench --help')", add_help=False)
+    return parser
+
+
+# ---------------------------------------------------------------- settings
+def _local_path(spec):
+    """Absolute path for things that exist locally (so --from works from any directory); else unchanged."""
+    if spec is None:
+        return None
+    path = Path(str(spec)).expanduser()
+    return str(path.resolve()) if path.exists() else str(spec)
+
+
+def resolve_settings(args) -> tuple:
+    """(settings, seeds, explicit keys) from DEFAULTS, the --from image, and the flags given."""
+    settings = dict(DEFAULTS)
+    seeds = None
+    if args.from_image:
+        recorded = read_metadata(args.from_image)
+        foreign = "version" not in recorded  # an A1111-style infotext: names, not paths
+        for key in DEFAULTS:
+            if recorded.get(key) is not None and not (foreign and key in _NAME_ONLY):
+                settings[key] = recorded[key]
+        if recorded.get("seed") is not None:
+            seeds = [recorded["seed"]]
+    explicit = {k for k in DEFAULTS if getattr(args, k, None) is not None}
+    for key in explicit:
+        settings[key] = getattr(args, key)
+    if isinstance(settings["refiner"], str) and settings["refiner"].lower() == "none":
+        settings["refiner"] = None
+    if args.seeds:
+        seeds = list(args.seeds)
+    return settings, seeds, explicit
+
+
+def _check_int(value, low, flag):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise CLIError(f"{flag} must be an integer >= {low}, got {value!r}")
+
+
+def _check_fraction(value, flag, allow_zero=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            (0 <= value if allow_zero else 0 < value) and value <= 1):
+        raise CLIError(f"{flag} must be in {'[0' if allow_zero else '(0'}, 1], got {value!r}")
+
+
+def validate(settings: dict, explicit: set, args) -> None:
+    """Everything that can be checked without loading a model."""
+    if settings["prompt"] is None:
+        raise CLIError("give a prompt (or --from IMAGE to re-use a stored one)")
+    if not settings["model"]:
+        raise CLIError("--model is required (an SDXL base: a diffusers folder, hub id or checkpoint)")
+    _check_int(settings["num_inference_steps"], 1, "--steps")
+    refine = settings["image"] is not None
+    if not refine:
+        for flag in ("width", "height"):
+            v = settings[flag]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 64 or v % 8:
+                raise CLIError(f"--{flag} must be a multiple of 8 and at least 64, got {v!r}")
+        _check_fraction(settings["high_noise_frac"], "--high-noise-frac")
+    else:
+        _check_fraction(settings["strength"], "--strength")
+        for flag in ("width", "height", "high_noise_frac"):
+            if flag in explicit:
+                raise CLIError(f"--{flag.replace('_', '-')} does not apply with --image "
+                               "(the image's own size is used and only the refiner runs)")
+    if "strength" in explicit and not refine:
+        raise CLIError("--strength needs --image (it sets how much of an existing image is re-done)")
+    g = settings["guidance_scale"]
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or g < 0:
+        raise CLIError(f"--guidance must be a number >= 0, got {g!r}")
+    if settings["scheduler"] not in SCHEDULERS:
+        raise CLIError(f"unknown scheduler {settings['scheduler']!r}; accepted: {', '.join(SCHEDULERS)}")
+    if settings["dtype"] is not None and settings["dtype"] not in DTYPES:
+        raise CLIError(f"unknown dtype {settings['dtype']!r}; accepted: {', '.join(DTYPES)}")
+    if settings["refiner"] is None:
+        if "refiner_bits" in explicit:
+            raise CLIError("--refiner-bits needs a refiner (--refiner ID|PATH)")
+        settings["refiner_bits"] = None
+    elif settings["refiner_bits"] is not None and settings["refiner_bits"] not in REFINER_BITS:
+        raise CLIError(f"--refiner-bits must be one of {REFINER_BITS}, got {settings['refiner_bits']!r}")
+    if args.n_images is not None:
+        _check_int(args.n_images, 1, "--n-images")
+
+
+def resolve_seeds(seeds: Optional[List[int]], n_images: Optional[int]) -> List[int]:
+    if seeds is None:
+        return [secrets.randbelow(MAX_SEED + 1) for _ in range(n_images or 1)]
+    if n_images is not None and n_images != len(seeds):
+        if len(seeds) != 1:
+            raise CLIError(f"--n-images {n_images} conflicts with the {len(seeds)} seeds given; "
+                           "give one seed per image, or one seed to count up from")
+        seeds = [seeds[0] + i for i in range(n_images)]
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
+            raise CLIError(f"seeds must be integers in [0, {MAX_SEED}], got {s!r}")
+    return seeds
+
+
+def output_paths(output: Optional[str], prompt: str, seeds: List[int], overwrite: bool) -> List[Path]:
+    """Where each image goes; fails (before any work) on conflicts, unwritable places and existing files."""
+    target = Path(output).expanduser() if output else Path(".")
+    as_dir = output is None or target.is_dir() or output.endswith(("/", os.sep)) or target.suffix == ""
+    if as_dir:
+        paths = [target / default_filename(prompt, s) for s in seeds]
+        folder = target
+    else:
+        if len(seeds) > 1:
+            raise CLIError(f"--output {output} is one file but {len(seeds)} images were asked for; "
+                           "give a directory instead")
+        if target.suffix.lower() != ".png":
+            raise CLIError(f"--output must be a .png file or a directory, got {output}")
+        paths, folder = [target], target.parent
+    if len(set(paths)) < len(paths):
+        raise CLIError("two images would get the same file name; give distinct seeds")
+    # the nearest existing ancestor must be a writable directory
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CLIError(f"cannot write to {folder}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"cannot write to {folder}: permission denied")
+    if not as_dir and not folder.is_dir():
+        raise CLIError(f"cannot write {target}: directory {folder} does not exist")
+    for path in paths:
+        if path.is_dir():
+            raise CLIError(f"{path} is a directory")
+        if path.exists() and not overwrite:
+            raise CLIError(f"{path} already exists (pass --overwrite to replace it)")
+    return paths
+
+
+def open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise InputError(f"--image {path}: file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InputError(f"--image {path} is not a readable image ({e.__class__.__name__})") from None
+
+
+# ---------------------------------------------------------------- commands
+def cmd_generate(args) -> int:
+    settings, seeds, explicit = resolve_settings(args)
+    validate(settings, explicit, args)
+    seeds = resolve_seeds(seeds, args.n_images)
+    paths = output_paths(args.output, settings["prompt"], seeds, args.overwrite)
+    source_image = open_image(settings["image"]) if settings["image"] is not None else None
+    for key in ("model", "refiner", "vae", "image"):
+        settings[key] = _local_path(settings[key])
+    settings["dtype"] = settings["dtype"] or default_dtype()
+    refine = source_image is not None
+    settings["mode"] = "refine" if refine else "generate"
+    if not refine:
+        settings["strength"] = None
+
+    import mlx.core as mx
+
+    from .pipeline import SDXLPipeline
+
+    progress = Progress(quiet=args.quiet)
+    pipe = SDXLPipeline.from_pretrained(
+        settings["model"], settings["refiner"], dtype=getattr(mx, settings["dtype"]),
+        refiner_bits=settings["refiner_bits"], low_memory=bool(settings["low_memory"]), vae=settings["vae"])
+    progress.timings = lambda: pipe.last_timings
+    what = (f"refine {source_image.width}x{source_image.height} image, strength {settings['strength']}" if refine
+            else f"{settings['width']}x{settings['height']}")
+    progress.log(f"{PROG} {__version__}: {what}, {settings['num_inference_steps']} steps {settings['scheduler']}, "
+                 f"{settings['dtype']}, base {settings['model']}"
+                 + (f", refiner {settings['refiner']}" if settings["refiner"] else ""))
+
+    try:
+        for n, (seed, path) in enumerate(zip(seeds, paths), 1):
+            progress.begin()
+            if len(seeds) > 1:
+                progress.log(f"image {n}/{len(seeds)}, seed {seed}")
+            _generate_one(pipe, settings, source_image, seed, path, progress, args.overwrite)
+    finally:
+        progress.end()  # a bar cut short by Ctrl-C or an error still gets its newline
+    return 0
+
+
+def _generate_one(pipe, settings, source_image, seed, path, progress, overwrite) -> None:
+    t0 = time.perf_counter()
+    common = dict(num_inference_steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
+                  guidance_rescale=settings["guidance_rescale"], scheduler=settings["scheduler"],
+                  seed=seed, callback=progress)
+    if source_image is not None:
+        images = pipe.refine(source_image, settings["prompt"], settings["negative_prompt"],
+                             strength=settings["strength"], **common)
+    else:
+        images = pipe(settings["prompt"], settings["negative_prompt"], high_noise_frac=settings["high_noise_frac"],
+                      width=settings["width"], height=settings["height"], **common)
+    if images is None:  # only a callback can cancel; ours never does
+        raise InputError("generation was cancelled")
+    image = images[0]
+    record = dict(settings, seed=seed, width=image.width, height=image.height)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(attach_metadata(image, record), path, overwrite=overwrite)
+    progress.summary(pipe.last_timings, time.perf_counter() - t0)
+    print(path, flush=True)
+
+
+def cmd_info(args) -> int:
+    settings = read_metadata(args.image)
+    if args.json:
+        print(json.dumps(settings, indent=2, sort_keys=True))
+        return 0
+    width = max(len(k) for k in settings)
+    for key in sorted(settings):
+        value = settings[key]
+        if value is None:
+            continue
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value)
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def delegate(command: str, argv: List[str]) -> int:
+    """Run `<command>.cli:main(argv)` from the package's sibling tools, imported only when asked for."""
+    module_name = f"{command}.cli"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name not in (command, module_name):
+            raise
+        print(f"{PROG}: error: '{PROG} {command}' is not available in this installation "
+              f"(module {module_name} not found)", file=sys.stderr)
+        return 2
+    return int(module.main(argv, prog=f"{PROG} {command}") or 0)
+
+
+def _fail(message: str) -> int:
+    message = " ".join(str(message).split("\n"))
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("convert", "bench"):
+        return delegate(argv[0], argv[1:])
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already reported
+        return e.code if isinstance(e.code, int) else 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        if args.command == "info":
+            return cmd_info(args)
+        return cmd_generate(args)
+    except SDXLError as e:
+        return _fail(str(e))
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(f"{where}{e.strerror or e}")
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

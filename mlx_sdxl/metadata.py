@@ -1,0 +1,273 @@
+"""Images that remember how they were made.
+
+Every PNG carries two text chunks:
+
+- ``parameters``: the AUTOMATIC1111 "infotext" (prompt, a ``Negative prompt:``
+  line, then one ``Key: value, ...`` line), which A1111, ComfyUI loaders and
+  image sites already read;
+- ``mlx_sdxl``: the full settings as JSON, with the package version, which
+  ``read_metadata`` returns and ``mlx-sdxl generate --from`` re-runs.
+
+Settings use the pipeline's argument names (``prompt``, ``negative_prompt``,
+``num_inference_steps``, ``guidance_scale``, ``high_noise_frac``, ``scheduler``,
+``seed``, ``width``, ``height``, ...) plus ``model``, ``refiner``, ``vae``,
+``dtype``, ``mode`` ("generate" or "refine"), ``image`` and ``strength``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import unicodedata
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from . import __version__
+from .errors import InputError
+
+JSON_KEY = "mlx_sdxl"
+PARAMETERS_KEY = "parameters"
+
+# Our scheduler names -> A1111 sampler names (A1111 >= 1.9 also reads the legacy "... Karras" form).
+A1111_SAMPLERS = {
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "ddim": "DDIM",
+}
+_FROM_A1111 = {v.lower(): k for k, v in A1111_SAMPLERS.items()}
+
+
+# ---------------------------------------------------------------- settings
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)  # dtypes and other small objects: their readable name
+
+
+def normalize_settings(settings: dict) -> dict:
+    """A JSON-ready copy of `settings` with the package version recorded."""
+    out = _jsonable(dict(settings))
+    out.setdefault("version", __version__)
+    return out
+
+
+def model_name(spec: Optional[str]) -> Optional[str]:
+    """A short display name: the last path component without a weights extension."""
+    if not spec:
+        return None
+    name = Path(str(spec).rstrip("/\\")).name or str(spec)
+    for ext in (".safetensors", ".ckpt"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    return name
+
+
+def _quote(text) -> str:
+    """A1111's rule: values with ',', ':' or a newline are written as JSON strings."""
+    text = str(text)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def _num(x) -> str:
+    return repr(float(x)) if isinstance(x, float) else str(x)
+
+
+def format_parameters(settings: dict) -> str:
+    """The A1111 infotext for `settings`."""
+    s = settings
+    lines = [str(s.get("prompt", ""))]
+    if s.get("negative_prompt"):
+        lines.append(f"Negative prompt: {s['negative_prompt']}")
+    fields = [("Steps", s.get("num_inference_steps"))]
+    sched = s.get("scheduler")
+    fields.append(("Sampler", A1111_SAMPLERS.get(sched, sched)))
+    fields += [("CFG scale", s.get("guidance_scale")), ("Seed", s.get("seed"))]
+    if s.get("width") and s.get("height"):
+        fields.append(("Size", f"{s['width']}x{s['height']}"))
+    fields.append(("Model", model_name(s.get("model"))))
+    if s.get("vae"):
+        fields.append(("VAE", model_name(s["vae"])))
+    if s.get("mode") == "refine":
+        fields.append(("Denoising strength", s.get("strength")))
+    elif s.get("refiner"):
+        fields += [("Refiner", model_name(s["refiner"])), ("Refiner switch at", s.get("high_noise_frac"))]
+    if s.get("guidance_rescale"):
+        fields.append(("Guidance rescale", s["guidance_rescale"]))
+    fields.append(("Version", f"mlx-sdxl {s.get('version', __version__)}"))
+    lines.append(", ".join(f"{k}: {_quote(_num(v))}" for k, v in fields if v is not None))
+    return "\n".join(lines)
+
+
+_FIELD = re.compile(r'\s*([\w][\w \-/+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse_parameters(text: str) -> dict:
+    """Settings from an A1111 infotext (ours or another tool's); unknown fields are kept under "extra"."""
+    lines = text.strip("\n").split("\n")
+    fields = {}
+    if lines and len(_FIELD.findall(lines[-1])) >= 3:
+        for key, value in _FIELD.findall(lines.pop()):
+            if value.startswith('"'):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    pass
+            fields[key.strip()] = value.strip()
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].lstrip()
+        (negative if in_negative else prompt).append(line)
+    out = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative) if in_negative else None}
+    conv = {
+        "Steps": ("num_inference_steps", int),
+        "CFG scale": ("guidance_scale", float),
+        "Seed": ("seed", int),
+        "Denoising strength": ("strength", float),
+        "Refiner switch at": ("high_noise_frac", float),
+        "Guidance rescale": ("guidance_rescale", float),
+        "Model": ("model", str),
+        "Refiner": ("refiner", str),
+        "VAE": ("vae", str),
+    }
+    extra = {}
+    for key, value in fields.items():
+        try:
+            if key in conv:
+                name, cast = conv[key]
+                out[name] = cast(value)
+            elif key == "Size":
+                w, h = value.lower().split("x")
+                out["width"], out["height"] = int(w), int(h)
+            elif key == "Sampler":
+                sampler = value.lower()
+                if fields.get("Schedule type", "").lower() == "karras":
+                    sampler += " karras"
+                out["scheduler"] = _FROM_A1111.get(sampler, value)
+            else:
+                extra[key] = value
+        except ValueError:
+            extra[key] = value
+    if "strength" in out:
+        out["mode"] = "refine"
+    if extra:
+        out["extra"] = extra
+    return out
+
+
+# ---------------------------------------------------------------- PIL images
+def attach_metadata(image, settings: dict):
+    """Record `settings` in `image.info` (both chunks' text) and return the same image."""
+    settings = normalize_settings(settings)
+    image.info[PARAMETERS_KEY] = format_parameters(settings)
+    image.info[JSON_KEY] = json.dumps(settings, ensure_ascii=True, sort_keys=True)
+    return image
+
+
+def image_settings(image) -> Optional[dict]:
+    """The settings attached to a PIL image (by `attach_metadata` or read from a PNG), or None."""
+    text = getattr(image, "text", None) if image.format == "PNG" else None
+    info = dict(image.info)
+    if text:
+        info.update(text)
+    if JSON_KEY in info:
+        try:
+            return json.loads(info[JSON_KEY])
+        except json.JSONDecodeError:
+            raise InputError(f"the image's {JSON_KEY!r} chunk is not valid JSON") from None
+    if PARAMETERS_KEY in info:
+        return parse_parameters(info[PARAMETERS_KEY])
+    return None
+
+
+def pnginfo(settings: dict):
+    """A PngInfo carrying both chunks, for `image.save(path, pnginfo=pnginfo(settings))`."""
+    from PIL.PngImagePlugin import PngInfo
+
+    settings = normalize_settings(settings)
+    info = PngInfo()
+    info.add_text(PARAMETERS_KEY, format_parameters(settings))  # iTXt when not latin-1
+    info.add_text(JSON_KEY, json.dumps(settings, ensure_ascii=True, sort_keys=True))
+    return info
+
+
+def save_png(image, path, settings: Optional[dict] = None, *, overwrite: bool = False) -> Path:
+    """Write `image` as a PNG with its settings, atomically (temp file + os.replace).
+
+    `settings` defaults to what `attach_metadata` stored on the image. An
+    existing file raises FileExistsError unless `overwrite=True`.
+    """
+    path = Path(path)
+    if settings is None:
+        settings = image_settings(image)
+    if not overwrite and path.exists():
+        raise FileExistsError(17, "file exists; pass overwrite=True to replace it", str(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            kw = {"pnginfo": pnginfo(settings)} if settings else {}
+            image.save(f, format="PNG", **kw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        if not overwrite and path.exists():
+            raise FileExistsError(17, "file exists; pass overwrite=True to replace it", str(path))
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def read_metadata(path) -> dict:
+    """The generation settings stored in an image: our JSON chunk, else a parsed A1111 infotext."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            settings = image_settings(im)
+    except FileNotFoundError:
+        raise InputError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(f"{path} is not a readable image ({e.__class__.__name__})") from None
+    if settings is None:
+        raise InputError(f"{path} carries no generation settings (no {JSON_KEY!r} or {PARAMETERS_KEY!r} chunk)")
+    return settings
+
+
+# ---------------------------------------------------------------- file names
+def slugify(text: str, max_length: int = 60) -> str:
+    """Lowercase ASCII words joined by '-', cut at a word boundary; "image" when nothing is left."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    slug = ""
+    for word in re.findall(r"[a-z0-9]+", ascii_text.lower()):
+        candidate = f"{slug}-{word}" if slug else word
+        if len(candidate) > max_length:
+            if not slug:
+                slug = word[:max_length]
+            break
+        slug = candidate
+    return slug or "image"
+
+
+def default_filename(prompt: str, seed: int) -> str:
+    return f"{slugify(prompt)}-{seed}.png"
