@@ -377,13 +377,13 @@ def vae_source(spec) -> ModelSource:
         fp = file_fingerprint(find_weights(folder, ["diffusion_pytorch_model"]))
         loader = lambda dtype=None: load_vae(folder, dtype=dtype)  # noqa: E731
     elif path.is_file():
-        from .single_file import VAE_PREFIX, infer_vae_config, split_checkpoint
+        from .single_file import VAE_PREFIX, infer_vae_config, ldm_vae_to_diffusers
 
         weights = load_safetensors(path)
-        if any(k.startswith("encoder.down.") or k.startswith(VAE_PREFIX) for k in weights):
-            # original (LDM) naming, as in sdxl_vae.safetensors: reuse the checkpoint rules
-            prefixed = {k if k.startswith(VAE_PREFIX) else VAE_PREFIX + k: v for k, v in weights.items()}
-            weights = split_checkpoint(prefixed, "vae")[0]["vae"]
+        if any(k.startswith(("encoder.down.", "decoder.up.", VAE_PREFIX)) for k in weights):
+            # original (LDM) naming, as in sdxl_vae.safetensors: the single-file VAE rules apply
+            weights = ldm_vae_to_diffusers({k[len(VAE_PREFIX):] if k.startswith(VAE_PREFIX) else k: v
+                                            for k, v in weights.items()})
         config = infer_vae_config(weights)
         fp = file_fingerprint([path])
         loader = _torch_layout_loader("vae", config, weights)

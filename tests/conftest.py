@@ -16,3 +16,17 @@ def tiny_sdxl(tmp_path_factory):
     from tiny import make_tiny_sdxl
 
     return make_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_single_thread():
+    """Tiny reference models run faster on one torch thread (and don't fight MLX for the 2 cores)."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
