@@ -26,6 +26,7 @@ from .weights import parse_dtype
 
 Prompt = Union[str, Sequence[str]]
 OUTPUT_TYPES = ("pil", "np", "latent")
+LOW_MEMORY_CACHE_BYTES = 256 * 1024 * 1024
 
 
 class Cancelled(Exception):
@@ -90,6 +91,9 @@ class SDXLPipeline:
         self._lock = threading.RLock()
         self.last_timings = {}
         self._check_compatible()
+        if low_memory:
+            # keep MLX's buffer cache small so memory freed by one stage is returned, not hoarded
+            mx.set_cache_limit(LOW_MEMORY_CACHE_BYTES)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -319,11 +323,12 @@ class SDXLPipeline:
             pe, pp, ids = mx.concatenate([npe, pe]), mx.concatenate([npp, pp]), mx.concatenate([neg, ids])
         cond = (pe, pp, ids.astype(self.dtype))
         mx.eval(cond)
-        if self.low_memory:
-            source = self.base if stage == BASE else self.refiner
+        return cond
+
+    def _release_text_encoders(self) -> None:
+        for source in filter(None, (self.base, self.refiner)):
             for name in ("text_encoder", "text_encoder_2"):
                 self._release(source, name)
-        return cond
 
     def _validate_common(self, num_inference_steps, guidance_scale, guidance_rescale, output_type,
                          scheduler, num_images_per_prompt):
@@ -400,34 +405,41 @@ class SDXLPipeline:
 
         with self._lock:
             try:
-                x = noise.astype(mx.float32) * sched.init_noise_sigma
+                # encode every prompt first, so low_memory can drop the text encoders before any UNet loads
+                t0 = time.perf_counter()
+                cond_base = cond_refiner = None
                 if n_base > 0:
-                    t0 = time.perf_counter()
                     pos, neg = self._base_time_ids(original_size, crops, target_size, neg_original, neg_crops,
                                                    neg_target)
-                    cond = self._stage_conditioning(BASE, prompts, negative_prompt, prompt_2, negative_prompt_2,
-                                                    num_images_per_prompt, clip_skip, do_cfg, pos, neg)
-                    self.last_timings["encode_base"] = time.perf_counter() - t0
-                    unet = self._model(self.base, "unet")
-                    x = self._denoise(BASE, unet, sched, x, range(n_base), cond, guidance_scale,
-                                      guidance_rescale, base_key, callback, n_base)
-                    del unet, cond
-                    if self.low_memory:
-                        self._release(self.base, "unet")
+                    cond_base = self._stage_conditioning(BASE, prompts, negative_prompt, prompt_2,
+                                                         negative_prompt_2, num_images_per_prompt, clip_skip,
+                                                         do_cfg, pos, neg)
                 if use_refiner and n_base < n_total:
-                    t0 = time.perf_counter()
                     pos, neg = self._refiner_time_ids(original_size, crops, aesthetic_score,
                                                       neg_original or original_size, neg_crops,
                                                       negative_aesthetic_score)
-                    cond = self._stage_conditioning(REFINER, prompts, negative_prompt, prompt_2, negative_prompt_2,
-                                                    num_images_per_prompt, clip_skip, do_cfg, pos, neg)
-                    self.last_timings["encode_refiner"] = time.perf_counter() - t0
-                    rsched = make_scheduler(scheduler, self.base.scheduler_config)
+                    cond_refiner = self._stage_conditioning(REFINER, prompts, negative_prompt, prompt_2,
+                                                            negative_prompt_2, num_images_per_prompt, clip_skip,
+                                                            do_cfg, pos, neg)
+                self.last_timings["encode"] = time.perf_counter() - t0
+                if self.low_memory:
+                    self._release_text_encoders()
+
+                x = noise.astype(mx.float32) * sched.init_noise_sigma
+                if cond_base is not None:
+                    unet = self._model(self.base, "unet")
+                    x = self._denoise(BASE, unet, sched, x, range(n_base), cond_base, guidance_scale,
+                                      guidance_rescale, base_key, callback, n_base)
+                    del unet, cond_base
+                    if self.low_memory:
+                        self._release(self.base, "unet")
+                if cond_refiner is not None:
+                    rsched = make_scheduler(scheduler, self.base.scheduler_config)  # fresh: no multistep history
                     rsched.set_timesteps(n_total)
                     unet = self._model(self.refiner, "unet")
-                    x = self._denoise(REFINER, unet, rsched, x, range(n_base, n_total), cond, guidance_scale,
-                                      guidance_rescale, refiner_key, callback, n_total - n_base)
-                    del unet, cond
+                    x = self._denoise(REFINER, unet, rsched, x, range(n_base, n_total), cond_refiner,
+                                      guidance_scale, guidance_rescale, refiner_key, callback, n_total - n_base)
+                    del unet, cond_refiner
                     if self.low_memory:
                         self._release(self.refiner, "unet")
                 self.last_seed = seed
@@ -542,6 +554,8 @@ class SDXLPipeline:
                     pos, neg = self._base_time_ids(original_size, crops, target_size, None, neg_crops, None)
                 cond = self._stage_conditioning(stage, prompts, negative_prompt, None, None,
                                                 num_images_per_prompt, clip_skip, do_cfg, pos, neg)
+                if self.low_memory:
+                    self._release_text_encoders()
                 unet = self._model(source, "unet")
                 x = self._denoise(stage, unet, sched, x, range(start, num_inference_steps), cond, guidance_scale,
                                   guidance_rescale, step_key, callback, num_inference_steps - start)

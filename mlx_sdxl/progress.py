@@ -155,7 +155,7 @@ class Progress:
         self._end_bar()
         self._report_loads(timings)
         parts = []
-        for stage in ("encode_base", "base", "encode_refiner", "refiner", "decode"):
+        for stage in ("encode", "base", "refiner", "decode"):
             t = timings.get(stage)
             if t is None:
                 continue

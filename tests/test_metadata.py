@@ -246,7 +246,7 @@ def _drive(progress):
     for stage, total in (("base", 4), ("refiner", 2), ("decode", 1)):
         for step in range(1, total + 1):
             assert progress(stage, step, total, None) is None  # never cancels
-    timings = {"load_base_unet": 0.5, "encode_base": 0.1, "base": StageTiming(2.0, 4, 3 * 2**30),
+    timings = {"load_base_unet": 0.5, "encode": 0.1, "base": StageTiming(2.0, 4, 3 * 2**30),
                "refiner": StageTiming(1.0, 2, 2**30), "decode": StageTiming(0.5, 1, 512 * 2**20)}
     progress.summary(timings, 4.0)
 

@@ -145,10 +145,10 @@ def test_refine_matches_diffusers_img2img(pipes, monkeypatch):
 def test_encode_prompt_negative_rules(pipes):
     ours, _, _ = pipes
     pe, npe, pp, npp = ours.encode_prompt(PROMPT, stage="base")
-    assert pe.shape == (1, 77, 64) and pp.shape == (1, 32)
+    assert pe.shape == (1, 77, 128) and pp.shape == (1, 64)
     assert float(mx.abs(npe).max()) == 0 and float(mx.abs(npp).max()) == 0  # force_zeros_for_empty_prompt
     pe_r, npe_r, pp_r, npp_r = ours.encode_prompt(PROMPT, stage="refiner")
-    assert pe_r.shape == (1, 77, 32)
+    assert pe_r.shape == (1, 77, 64)
     assert float(mx.abs(npe_r).max()) > 0  # the refiner encodes ""
     _, npe_empty, _, _ = ours.encode_prompt(PROMPT, "", stage="base")
     assert float(mx.abs(npe_empty).max()) > 0  # an explicit "" is encoded, not zeroed
@@ -210,3 +210,20 @@ def test_shared_parts_loaded_once(pipes):
     ours(PROMPT, num_inference_steps=4, height=64, width=64, seed=0, output_type="latent")
     assert ours._model(ours.refiner, "text_encoder_2") is ours._model(ours.base, "text_encoder_2")
     assert ours._model(ours.refiner, "vae") is ours._model(ours.base, "vae")
+
+
+def test_low_memory_mode_releases_and_matches(pipes, tiny_sdxl):
+    ours, _, _ = pipes
+    kw = dict(num_inference_steps=5, height=64, width=64, seed=11, output_type="np")
+    ref = ours(PROMPT, **kw)
+    previous_limit = mx.set_cache_limit(1 << 40)
+    mx.set_cache_limit(previous_limit)
+    lean = SDXLPipeline.from_pretrained(tiny_sdxl[0], tiny_sdxl[1], dtype=mx.float32, low_memory=True)
+    try:
+        np.testing.assert_array_equal(lean(PROMPT, **kw), ref)
+        loaded = {name for name, _ in lean._models}
+        assert loaded == {"vae"}, loaded  # text encoders and both UNets were released after their stage
+        assert {"base", "refiner", "decode"} <= set(lean.last_timings)
+        assert lean.last_timings["base"].peak_memory > 0
+    finally:
+        assert mx.set_cache_limit(previous_limit) == 256 * 1024 * 1024  # low_memory had capped MLX's cache
