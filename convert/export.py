@@ -121,10 +121,10 @@ def convert(base, out, *, refiner=None, vae=None, dtype="float16", refiner_bits:
                               tokenizer_2=tokenizer_2) if refiner is not None else None
     vae_src = vae_source(vae) if vae is not None else None
     if refiner_bits or base_bits:
-        from mlx_sdxl.quantize import check_quantization
+        from mlx_sdxl.quantize import check_settings
 
         for bits in filter(None, (refiner_bits, base_bits)):
-            check_quantization(bits, group_size)
+            check_settings(bits, group_size)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

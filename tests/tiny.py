@@ -75,9 +75,9 @@ SCHEDULER_CONFIG = {
     "set_alpha_to_one": False, "skip_prk_steps": True, "sample_max_value": 1.0,
 }
 TIME_DIM = 8          # addition_time_embed_dim (256 at full size)
-TE1_WIDTH = 32        # CLIP-L hidden size (768)
-TE2_WIDTH = 32        # bigG hidden size (1280)
-POOLED = 32           # bigG projection (1280)
+TE1_WIDTH = 64        # CLIP-L hidden size (768); 64-wide heads as in SDXL
+TE2_WIDTH = 64        # bigG hidden size (1280)
+POOLED = 64           # bigG projection (1280)
 
 
 def _randomize(module, seed: int, std: float = 0.08):
@@ -101,10 +101,10 @@ def tiny_text_encoders(seed: int = 0):
     common = dict(vocab_size=vocab_size(), max_position_embeddings=77, layer_norm_eps=1e-5,
                   bos_token_id=0, eos_token_id=2, pad_token_id=1)
     te1 = CLIPTextModel(CLIPTextConfig(hidden_size=TE1_WIDTH, intermediate_size=64, num_hidden_layers=3,
-                                       num_attention_heads=4, hidden_act="quick_gelu", projection_dim=TE1_WIDTH,
+                                       num_attention_heads=1, hidden_act="quick_gelu", projection_dim=TE1_WIDTH,
                                        **common))
     te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=TE2_WIDTH, intermediate_size=64,
-                                                     num_hidden_layers=3, num_attention_heads=4,
+                                                     num_hidden_layers=3, num_attention_heads=1,
                                                      hidden_act="gelu", projection_dim=POOLED, **common))
     return _randomize(te1.eval(), seed + 1, 0.2), _randomize(te2.eval(), seed + 2, 0.2)
 
