@@ -16,26 +16,13 @@ from pathlib import Path
 from typing import Callable, Dict, Optional
 
 from .errors import WeightsError
+from .schedulers import SDXL_SCHEDULER_CONFIG
 from .weights import find_weights, read_config
 
 BASE, REFINER = "base", "refiner"
 MODEL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 TOKENIZERS = ("tokenizer", "tokenizer_2")
 
-# diffusers' scheduler config for SDXL base and refiner (facts §1.5)
-SDXL_SCHEDULER_CONFIG = {
-    "_class_name": "EulerDiscreteScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "interpolation_type": "linear",
-    "use_karras_sigmas": False,
-    "timestep_spacing": "leading",
-    "steps_offset": 1,
-    "trained_betas": None,
-}
 
 
 @dataclass
