@@ -227,3 +227,31 @@ def test_low_memory_mode_releases_and_matches(pipes, tiny_sdxl):
         assert lean.last_timings["base"].peak_memory > 0
     finally:
         assert mx.set_cache_limit(previous_limit) == 256 * 1024 * 1024  # low_memory had capped MLX's cache
+
+
+def test_nan_latents_name_the_stage_and_step(pipes, monkeypatch):
+    ours, _, _ = pipes
+    unet = ours._model(ours.refiner, "unet")
+    real_call = type(unet).__call__
+
+    def poisoned(self, sample, *args, **kwargs):
+        out = real_call(self, sample, *args, **kwargs)
+        return out * mx.array(float("nan")) if self is unet else out
+
+    monkeypatch.setattr(type(unet), "__call__", poisoned)
+    with pytest.raises(SDXLError, match=r"refiner produced NaN/inf latents at step 1/"):
+        ours(PROMPT, num_inference_steps=10, height=64, width=64, seed=0)
+
+
+def test_mismatched_base_and_refiner_refused(tiny_sdxl):
+    from mlx_sdxl.sources import diffusers_folder
+
+    base = diffusers_folder(tiny_sdxl[0])
+    refiner = diffusers_folder(tiny_sdxl[1])
+    refiner.configs["text_encoder_2"] = dict(refiner.configs["text_encoder_2"], hidden_size=96)
+    with pytest.raises(WeightsError, match="text_encoder_2 differ in hidden_size"):
+        SDXLPipeline(base, refiner, dtype=mx.float32)
+    refiner = diffusers_folder(tiny_sdxl[1])
+    refiner.configs["vae"] = dict(refiner.configs["vae"], latent_channels=16)
+    with pytest.raises(WeightsError, match="latent channels"):
+        SDXLPipeline(base, refiner, dtype=mx.float32)

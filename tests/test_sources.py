@@ -170,3 +170,28 @@ def test_mismatched_shapes_named(folders, tmp_path):
 def test_unknown_source_message():
     with pytest.raises(WeightsError, match="Accepted"):
         SDXLPipeline.from_pretrained("/no/such/folder")
+
+
+def test_separate_tokenizer_folders(folders, single_files, tmp_path):
+    """tokenizer= and tokenizer_2= may each name a tokenizer folder itself."""
+    base_dir, _ = folders
+    ckpt = tmp_path / "model.safetensors"
+    os.link(single_files[0], ckpt)
+    with pytest.raises(WeightsError, match="no tokenizer found"):  # tokenizer_2 alone is not enough
+        SDXLPipeline.from_pretrained(ckpt, config=base_dir / "unet", tokenizer_2=base_dir / "tokenizer_2")
+    pipe = SDXLPipeline.from_pretrained(ckpt, config=base_dir / "unet", tokenizer=base_dir / "tokenizer",
+                                        tokenizer_2=base_dir / "tokenizer_2", dtype=mx.float32)
+    assert pipe.base.tokenizer("tokenizer_2").pad_token_id == 0
+    assert pipe.base.tokenizer("tokenizer").pad_token_id != 0
+
+
+def test_hub_downloads_only_what_is_needed():
+    from mlx_sdxl.hub import weight_patterns
+
+    files = ["unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+             "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.fp16.safetensors",
+             "text_encoder/model.safetensors", "text_encoder_2/model.safetensors"]
+    patterns = weight_patterns(files)
+    assert "unet/*.fp16.safetensors*" in patterns and "text_encoder/*.fp16.safetensors*" in patterns
+    assert "vae/*.safetensors*" in patterns and "text_encoder_2/*.safetensors*" in patterns
+    assert not any("vae_1_0" in p or p.endswith(".msgpack") for p in patterns)
