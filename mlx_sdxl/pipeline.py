@@ -80,11 +80,21 @@ class SDXLPipeline:
     """
 
     def __init__(self, base: ModelSource, refiner: Optional[ModelSource] = None, *, dtype=mx.float16,
-                 refiner_bits: Optional[int] = None, low_memory: bool = False, vae: Optional[ModelSource] = None):
+                 refiner_bits: Optional[int] = None, low_memory: bool = False, vae: Optional[ModelSource] = None,
+                 base_bits: Optional[int] = None, text_encoder_bits: Optional[int] = None,
+                 group_size: int = 64):
         self.base = base
         self.refiner = refiner
         self.dtype = parse_dtype(dtype) or mx.float16
         self.refiner_bits = refiner_bits
+        self.base_bits = base_bits
+        self.text_encoder_bits = text_encoder_bits
+        self.group_size = group_size
+        if any((refiner_bits, base_bits, text_encoder_bits)):
+            from .quantize import check_settings
+
+            for bits in filter(None, (refiner_bits, base_bits, text_encoder_bits)):
+                check_settings(bits, group_size)
         self.low_memory = low_memory
         self.vae_source = vae or base
         self._models = {}
@@ -99,23 +109,23 @@ class SDXLPipeline:
     @classmethod
     def from_pretrained(cls, base, refiner=None, *, dtype=mx.float16, refiner_bits: Optional[int] = None,
                         low_memory: bool = False, vae=None, config=None, refiner_config=None, tokenizer=None,
-                        tokenizer_2=None) -> "SDXLPipeline":
+                        tokenizer_2=None, base_bits: Optional[int] = None, text_encoder_bits: Optional[int] = None,
+                        group_size: int = 64) -> "SDXLPipeline":
         """Load lazily from any source: a diffusers folder, a hub id, a single-file
         .safetensors checkpoint, or a folder written by `mlx-sdxl convert` (whose
         refiner/ is used unless refiner=False).
 
         `vae` replaces the VAE (folder or single file); `config` / `refiner_config`
         override the UNet config inferred for single files; `tokenizer` /
-        `tokenizer_2` say where single files find their tokenizers.
+        `tokenizer_2` say where single files find their tokenizers. `refiner_bits`,
+        `base_bits` and `text_encoder_bits` (2, 3, 4, 5, 6 or 8, with `group_size` 32,
+        64 or 128) quantize those models as they load; pre-quantized converted
+        folders need no flag.
         """
         from pathlib import Path
 
         from .sources import is_converted, vae_source
 
-        if refiner_bits is not None:
-            from .quantize import check_settings
-
-            check_settings(refiner_bits, 64)
         base_path = Path(str(base)).expanduser()
         if refiner is None and base_path.is_dir() and (base_path / "manifest.json").is_file() \
                 and (base_path / REFINER).is_dir() and is_converted(base_path):
@@ -128,7 +138,7 @@ class SDXLPipeline:
                                   tokenizer_2=tokenizer_2) if refiner is not None else None
         vae_src = vae_source(vae) if vae is not None else None
         return cls(base_src, refiner_src, dtype=dtype, refiner_bits=refiner_bits, low_memory=low_memory,
-                   vae=vae_src)
+                   vae=vae_src, base_bits=base_bits, text_encoder_bits=text_encoder_bits, group_size=group_size)
 
     def _check_compatible(self) -> None:
         b, r = self.base, self.refiner
@@ -163,14 +173,22 @@ class SDXLPipeline:
             key = (name, fp)
             if key not in self._models:
                 t0 = time.perf_counter()
-                if name == "unet" and source.role == REFINER and self.refiner_bits and "unet" not in source.quantization:
-                    from .quantize import quantize_unet
-                    model = quantize_unet(source.load(name, self.dtype), bits=self.refiner_bits)
-                else:
-                    model = source.load(name, self.dtype)
+                model = source.load(name, self.dtype)
+                bits = self._bits_for(source, name)
+                if bits and name not in source.quantization:  # converted folders may come pre-quantized
+                    from .quantize import quantize_model
+
+                    model = quantize_model(model, bits=bits, group_size=self.group_size)
                 self._models[key] = model
                 self.last_timings[f"load_{source.role}_{name}"] = time.perf_counter() - t0
             return self._models[key]
+
+    def _bits_for(self, source: ModelSource, name: str) -> Optional[int]:
+        if name == "unet":
+            return self.refiner_bits if source.role == REFINER else self.base_bits
+        if name.startswith("text_encoder"):
+            return self.text_encoder_bits
+        return None
 
     def _release(self, source: ModelSource, name: str) -> None:
         with self._lock:

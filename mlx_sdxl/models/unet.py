@@ -221,7 +221,8 @@ class UNetConfig:
                 raise ConfigError(f"UNet config: unsupported {key}={value!r}; accepted: "
                                   + " or ".join(repr(a) for a in accepted))
         names = {f.name for f in dataclasses.fields(cls)} - {"num_attention_heads"}
-        unknown = sorted(set(d) - names - set(_FIXED) - _IGNORED - {"attention_head_dim", "num_attention_heads"})
+        unknown = sorted(k for k in set(d) - names - set(_FIXED) - _IGNORED - {"attention_head_dim", "num_attention_heads"}
+                         if not k.startswith("_"))  # "_..." keys are diffusers bookkeeping
         if unknown:
             raise ConfigError(f"UNet config: unknown keys {unknown}; this UNet2DConditionModel setting is not supported")
         for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
