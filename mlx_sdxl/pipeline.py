@@ -13,18 +13,19 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional
 
 import mlx.core as mx
 import numpy as np
 
+from .conditioning import (Prompt, as_list, base_time_ids, broadcast, guide, refiner_time_ids, size_pair,
+                           time_ids_batch)
 from .errors import InputError, SDXLError, WeightsError
 from .schedulers import img2img_start, make_scheduler, split_for_handoff
 from .sources import BASE, REFINER, ModelSource, open_source
 from .tokenizer import tokenize
 from .weights import parse_dtype
 
-Prompt = Union[str, Sequence[str]]
 OUTPUT_TYPES = ("pil", "np", "latent")
 LOW_MEMORY_CACHE_BYTES = 256 * 1024 * 1024
 
@@ -38,37 +39,6 @@ class StageTiming:
     seconds: float = 0.0
     steps: int = 0
     peak_memory: int = 0
-
-
-def _as_list(prompt: Prompt, what: str) -> List[str]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
-        return list(prompt)
-    raise InputError(f"{what} must be a string or a non-empty list of strings, got {type(prompt).__name__}")
-
-
-def _size_pair(value, default, what: str) -> Tuple[int, int]:
-    if value is None:
-        return tuple(default)
-    try:
-        h, w = value
-        return int(h), int(w)
-    except (TypeError, ValueError):
-        raise InputError(f"{what} must be a (height, width) pair, got {value!r}") from None
-
-
-def sinusoid_ids(values) -> mx.array:
-    return mx.array(np.asarray(values, dtype=np.float32))
-
-
-def rescale_noise_cfg(noise_cfg: mx.array, noise_text: mx.array, phi: float) -> mx.array:
-    """Guidance rescale (arXiv 2305.08891 §3.4), per-sample std over all non-batch axes."""
-    axes = tuple(range(1, noise_cfg.ndim))
-    std_text = mx.std(noise_text, axis=axes, keepdims=True, ddof=1)
-    std_cfg = mx.std(noise_cfg, axis=axes, keepdims=True, ddof=1)
-    rescaled = noise_cfg * (std_text / std_cfg)
-    return phi * rescaled + (1 - phi) * noise_cfg
 
 
 class SDXLPipeline:
@@ -224,9 +194,9 @@ class SDXLPipeline:
         source = self.base if stage == BASE else self.refiner
         if source is None:
             raise InputError("no refiner is loaded")
-        prompts = _as_list(prompt, "prompt")
+        prompts = as_list(prompt, "prompt")
         if stage == BASE:
-            prompts_2 = _as_list(prompt_2, "prompt_2") if prompt_2 is not None else prompts
+            prompts_2 = as_list(prompt_2, "prompt_2") if prompt_2 is not None else prompts
             parts = [("tokenizer", "text_encoder", prompts), ("tokenizer_2", "text_encoder_2", prompts_2)]
         else:
             parts = [("tokenizer_2", "text_encoder_2", prompts)]
@@ -251,11 +221,11 @@ class SDXLPipeline:
         elif zero_negative:
             neg_embeds, neg_pooled = mx.zeros_like(embeds), mx.zeros_like(pooled)
         else:
-            neg = _as_list(negative_prompt if negative_prompt is not None else "", "negative_prompt")
-            neg = self._broadcast(neg, len(prompts), "negative_prompt")
+            neg = as_list(negative_prompt if negative_prompt is not None else "", "negative_prompt")
+            neg = broadcast(neg, len(prompts), "negative_prompt")
             if stage == BASE:
-                neg_2 = neg if negative_prompt_2 is None else self._broadcast(
-                    _as_list(negative_prompt_2, "negative_prompt_2"), len(prompts), "negative_prompt_2")
+                neg_2 = neg if negative_prompt_2 is None else broadcast(
+                    as_list(negative_prompt_2, "negative_prompt_2"), len(prompts), "negative_prompt_2")
                 neg_parts = [("tokenizer", "text_encoder", neg), ("tokenizer_2", "text_encoder_2", neg_2)]
             else:
                 neg_parts = [("tokenizer_2", "text_encoder_2", neg)]
@@ -268,32 +238,10 @@ class SDXLPipeline:
         out = [repeat(x) for x in (embeds, neg_embeds, pooled, neg_pooled)]
         return tuple(None if x is None else x.astype(dtype) for x in out)
 
-    @staticmethod
-    def _broadcast(items: List[str], n: int, what: str) -> List[str]:
-        if len(items) == n:
-            return items
-        if len(items) == 1:
-            return items * n
-        raise InputError(f"{what} has {len(items)} entries but prompt has {n}; give one or {n}")
-
     def _check_batch(self, prompts, lists, what):
         for texts in lists:
             if len(texts) != len(prompts):
                 raise InputError(f"{what} has {len(texts)} entries but prompt has {len(prompts)}")
-
-    # ------------------------------------------------------------------ conditioning
-    @staticmethod
-    def _base_time_ids(original_size, crops, target_size, neg_original, neg_crops, neg_target):
-        pos = list(original_size) + list(crops) + list(target_size)
-        if neg_original is not None and neg_target is not None:
-            neg = list(neg_original) + list(neg_crops) + list(neg_target)
-        else:
-            neg = pos
-        return pos, neg
-
-    @staticmethod
-    def _refiner_time_ids(original_size, crops, aesthetic, neg_original, neg_crops, neg_aesthetic):
-        return list(original_size) + list(crops) + [aesthetic], list(neg_original) + list(neg_crops) + [neg_aesthetic]
 
     # ------------------------------------------------------------------ sampling
     def _denoise(self, stage: str, unet, sched, x, indices, cond, guidance_scale, guidance_rescale, key,
@@ -312,10 +260,7 @@ class SDXLPipeline:
                 xin = mx.concatenate([xin, xin], axis=0)
             eps = unet(xin, t, embeds, text_embeds=pooled, time_ids=time_ids)
             if do_cfg:
-                eps_u, eps_c = mx.split(eps, 2, axis=0)
-                eps = eps_u + guidance_scale * (eps_c - eps_u)
-                if guidance_rescale > 0:
-                    eps = rescale_noise_cfg(eps, eps_c, guidance_rescale)
+                eps = guide(eps, guidance_scale, guidance_rescale)
             x = sched.step(eps, i, x, key=keys[n])
             bad = mx.any(mx.logical_not(mx.isfinite(x)))
             mx.eval(x, bad)
@@ -334,11 +279,9 @@ class SDXLPipeline:
         pe, npe, pp, npp = self.encode_prompt(
             prompts, negative_prompt, stage=stage, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
             num_images_per_prompt=num_images, clip_skip=clip_skip, do_cfg=do_cfg)
-        batch = pe.shape[0]
-        ids = mx.broadcast_to(sinusoid_ids(ids_pos)[None], (batch, len(ids_pos)))
+        ids = time_ids_batch(ids_pos, ids_neg, pe.shape[0], do_cfg)
         if do_cfg:
-            neg = mx.broadcast_to(sinusoid_ids(ids_neg)[None], (batch, len(ids_neg)))
-            pe, pp, ids = mx.concatenate([npe, pe]), mx.concatenate([npp, pp]), mx.concatenate([neg, ids])
+            pe, pp = mx.concatenate([npe, pe]), mx.concatenate([npp, pp])
         cond = (pe, pp, ids.astype(self.dtype))
         mx.eval(cond)
         return cond
@@ -383,7 +326,7 @@ class SDXLPipeline:
         """Generate images. Returns a list of PIL images ("pil"), an NHWC float32
         array in [0, 1] ("np"), or the final latents ("latent"); None when a
         callback cancelled the run."""
-        prompts = _as_list(prompt, "prompt")
+        prompts = as_list(prompt, "prompt")
         sched = self._validate_common(num_inference_steps, guidance_scale, guidance_rescale, output_type,
                                       scheduler, num_images_per_prompt)
         for name, v in (("width", width), ("height", height)):
@@ -408,12 +351,12 @@ class SDXLPipeline:
             if tuple(noise.shape) != shape:
                 raise InputError(f"latents must have shape {shape} (batch, height/{vsf}, width/{vsf}, "
                                  f"{channels}), got {tuple(noise.shape)}")
-        original_size = _size_pair(original_size, (height, width), "original_size")
-        target_size = _size_pair(target_size, (height, width), "target_size")
-        crops = _size_pair(crops_coords_top_left, (0, 0), "crops_coords_top_left")
-        neg_crops = _size_pair(negative_crops_coords_top_left, (0, 0), "negative_crops_coords_top_left")
-        neg_original = None if negative_original_size is None else _size_pair(negative_original_size, None, "")
-        neg_target = None if negative_target_size is None else _size_pair(negative_target_size, None, "")
+        original_size = size_pair(original_size, (height, width), "original_size")
+        target_size = size_pair(target_size, (height, width), "target_size")
+        crops = size_pair(crops_coords_top_left, (0, 0), "crops_coords_top_left")
+        neg_crops = size_pair(negative_crops_coords_top_left, (0, 0), "negative_crops_coords_top_left")
+        neg_original = size_pair(negative_original_size, None, "negative_original_size")
+        neg_target = size_pair(negative_target_size, None, "negative_target_size")
 
         use_refiner = self.refiner is not None and high_noise_frac < 1
         n_total = num_inference_steps
@@ -427,13 +370,13 @@ class SDXLPipeline:
                 t0 = time.perf_counter()
                 cond_base = cond_refiner = None
                 if n_base > 0:
-                    pos, neg = self._base_time_ids(original_size, crops, target_size, neg_original, neg_crops,
+                    pos, neg = base_time_ids(original_size, crops, target_size, neg_original, neg_crops,
                                                    neg_target)
                     cond_base = self._stage_conditioning(BASE, prompts, negative_prompt, prompt_2,
                                                          negative_prompt_2, num_images_per_prompt, clip_skip,
                                                          do_cfg, pos, neg)
                 if use_refiner and n_base < n_total:
-                    pos, neg = self._refiner_time_ids(original_size, crops, aesthetic_score,
+                    pos, neg = refiner_time_ids(original_size, crops, aesthetic_score,
                                                       neg_original or original_size, neg_crops,
                                                       negative_aesthetic_score)
                     cond_refiner = self._stage_conditioning(REFINER, prompts, negative_prompt, prompt_2,
@@ -528,7 +471,7 @@ class SDXLPipeline:
         """Img2img on an existing image with the refiner (or the base when no
         refiner is loaded): VAE-encode, scale by 0.13025, noise at the first kept
         step, denoise the remaining `strength` share of the schedule."""
-        prompts = _as_list(prompt, "prompt")
+        prompts = as_list(prompt, "prompt")
         sched = self._validate_common(num_inference_steps, guidance_scale, guidance_rescale, output_type,
                                       scheduler, num_images_per_prompt)
         if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
@@ -550,11 +493,11 @@ class SDXLPipeline:
                 raise InputError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
         source = self.refiner or self.base
         stage = source.role
-        original_size = _size_pair(original_size, (h, w), "original_size")
-        target_size = _size_pair(target_size, (h, w), "target_size")
-        crops = _size_pair(crops_coords_top_left, (0, 0), "crops_coords_top_left")
-        neg_crops = _size_pair(negative_crops_coords_top_left, (0, 0), "negative_crops_coords_top_left")
-        neg_original = _size_pair(negative_original_size, original_size, "negative_original_size")
+        original_size = size_pair(original_size, (h, w), "original_size")
+        target_size = size_pair(target_size, (h, w), "target_size")
+        crops = size_pair(crops_coords_top_left, (0, 0), "crops_coords_top_left")
+        neg_crops = size_pair(negative_crops_coords_top_left, (0, 0), "negative_crops_coords_top_left")
+        neg_original = size_pair(negative_original_size, original_size, "negative_original_size")
         do_cfg = guidance_scale > 1
 
         with self._lock:
@@ -566,10 +509,10 @@ class SDXLPipeline:
                     noise = mx.random.normal(shape, key=noise_key)
                 x = sched.add_noise(x0, noise.astype(mx.float32), start)
                 if stage == REFINER:
-                    pos, neg = self._refiner_time_ids(original_size, crops, aesthetic_score, neg_original,
+                    pos, neg = refiner_time_ids(original_size, crops, aesthetic_score, neg_original,
                                                       neg_crops, negative_aesthetic_score)
                 else:
-                    pos, neg = self._base_time_ids(original_size, crops, target_size, None, neg_crops, None)
+                    pos, neg = base_time_ids(original_size, crops, target_size, None, neg_crops, None)
                 cond = self._stage_conditioning(stage, prompts, negative_prompt, None, None,
                                                 num_images_per_prompt, clip_skip, do_cfg, pos, neg)
                 if self.low_memory:

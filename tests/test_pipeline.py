@@ -7,7 +7,7 @@ import torch
 import mlx.core as mx
 
 from mlx_sdxl import SDXLPipeline
-from mlx_sdxl.errors import InputError, SDXLError, WeightsError
+from mlx_sdxl.errors import SDXLError, WeightsError
 
 torch.set_grad_enabled(False)
 PROMPT = "a photo of a cat"

@@ -3,8 +3,6 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -14,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from mlx_sdxl import SDXLPipeline
-from mlx_sdxl.errors import SDXLError, WeightsError
+from mlx_sdxl.errors import WeightsError
 from sgm_inverse import vae_to_sgm, write_sgm_checkpoint
 
 PROMPT = "a photo of a cat"
