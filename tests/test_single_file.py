@@ -1,6 +1,7 @@
 """Single-file (SGM) SDXL checkpoints: detection, key mapping, config inference, bad inputs."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -30,7 +31,13 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
-INVENTORY = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "sgm-checkpoint-keys.json"
+# The key/shape inventory of the real checkpoints lives in the project's shared/ folder, beside the
+# checkout (CI lays it there too); MLX_SDXL_SHARED points elsewhere.
+_SHARED = [Path(os.environ["MLX_SDXL_SHARED"])] if os.environ.get("MLX_SDXL_SHARED") else []
+_SHARED += [Path(__file__).resolve().parents[1].parent / "shared", Path("/work/shared")]
+INVENTORY = next((p / "reference" / "sgm-checkpoint-keys.json" for p in _SHARED
+                  if (p / "reference" / "sgm-checkpoint-keys.json").is_file()),
+                 _SHARED[0] / "reference" / "sgm-checkpoint-keys.json")
 MODELS = {BASE: "sd_xl_base_1.0", REFINER: "sd_xl_refiner_1.0"}
 
 # ---------------------------------------------------------------- the released configs (facts §1.1-1.3)
