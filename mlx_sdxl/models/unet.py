@@ -21,7 +21,8 @@ import mlx.nn as nn
 
 from ..errors import ConfigError, InputError, WeightsError
 from ..weights import apply_weights, load_folder_weights, parse_dtype, read_config, torch_to_mlx
-from .blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D, group_norm
+from . import blocks
+from .blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D, geglu, group_norm, silu, use_cpu_kernels
 
 DOWN_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -260,7 +261,7 @@ class TimestepEmbedding(nn.Module):
         self.linear_2 = nn.Linear(dim, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_2(nn.silu(self.linear_1(x)))
+        return self.linear_2(silu(self.linear_1(x)))
 
 
 class GEGLU(nn.Module):
@@ -269,8 +270,13 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, 2 * dim_out)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if use_cpu_kernels(x) and isinstance(self.proj, nn.Linear):
+            # CPU: the two halves as two matmuls, so the gate kernels read contiguous arrays
+            w, b = self.proj.weight, self.proj.bias
+            d = w.shape[0] // 2
+            return geglu(mx.addmm(b[:d], x, w[:d].T), mx.addmm(b[d:], x, w[d:].T))
         h, gate = mx.split(self.proj(x), 2, axis=-1)
-        return h * nn.gelu(gate)
+        return geglu(h, gate)
 
 
 class FeedForward(nn.Module):
@@ -278,10 +284,20 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
+        self.hidden = mult * dim
         self.net = [GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim)]
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.net[2](self.net[0](x))
+        if not use_cpu_kernels(x):
+            return self.net[2](self.net[0](x))
+        # CPU: a few hundred tokens at a time, so the GEGLU's two hidden halves stay
+        # small (see blocks.CPU_CHUNK_BYTES)
+        rows = x.reshape(-1, x.shape[-1])
+        step = max(1, blocks.CPU_CHUNK_BYTES // (4 * self.hidden))
+        if step >= rows.shape[0]:
+            return self.net[2](self.net[0](x))
+        out = [self.net[2](self.net[0](rows[i:i + step])) for i in range(0, rows.shape[0], step)]
+        return mx.concatenate(out, axis=0).reshape(x.shape)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -481,7 +497,7 @@ class UNet2DConditionModel(nn.Module):
             count = len(block.resnets)
             target = skips[-count - 1].shape[1:3] if len(skips) > count else None
             x = block(x, skips, emb, context, target)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(silu(self.conv_norm_out(x)))
 
 
 def unet_from_weights(config: UNetConfig, weights: dict, dtype=None) -> UNet2DConditionModel:

@@ -1,0 +1,1 @@
+"""Benchmarks for mlx_sdxl: `mlx-sdxl bench` / `python -m bench` (see bench/SCHEMA.md for the JSON)."""

@@ -1,0 +1,263 @@
+"""The measurements: UNet steps, VAE decode, text encoding, whole images.
+
+Every stage loads its models, warms up, then times `repeats` runs (each ends
+with mx.eval, so the time is the computation's), records the median and spread
+and the peak memory since the stage began (weights included), and frees its
+models before the next stage, so one full model at a time is resident.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from mlx_sdxl.models.clip import CLIPTextConfig
+from mlx_sdxl.models.unet import UNetConfig
+from mlx_sdxl.models.vae import VAEConfig
+from mlx_sdxl.sources import BASE, REFINER, ModelSource
+from mlx_sdxl.tokenizer import tokenize
+from mlx_sdxl.weights import parse_dtype
+
+from . import flops
+
+STAGES = ("unet", "vae", "text", "e2e")
+PROMPT = "a photograph of an astronaut riding a horse on mars, detailed, 35mm"
+NEGATIVE = "blurry, low quality"
+
+
+@dataclass
+class Settings:
+    width: int = 1024
+    height: int = 1024
+    steps: int = 40
+    high_noise_frac: float = 0.8
+    batch: int = 2
+    dtypes: List[str] = field(default_factory=lambda: ["float16"])
+    repeats: int = 3
+    warmup: int = 1
+    refiner_bits: Optional[int] = None
+    only: List[str] = field(default_factory=lambda: list(STAGES))
+    compare: Optional[str] = None
+    e2e_limit_minutes: float = 30.0
+    low_memory: bool = False
+
+
+def stats(runs: List[float]) -> dict:
+    runs = [float(r) for r in runs]
+    q = statistics.quantiles(runs, n=4, method="inclusive") if len(runs) > 1 else [runs[0]] * 3
+    return {"median": statistics.median(runs), "min": min(runs), "max": max(runs), "q1": q[0], "q3": q[2],
+            "mean": statistics.fmean(runs), "runs": runs}
+
+
+def time_runs(fn: Callable[[], object], repeats: int, warmup: int):
+    """Wall times of fn() + mx.eval of its result, after `warmup` untimed runs; and the last result."""
+    for _ in range(warmup):
+        mx.eval(fn())
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        mx.eval(out)
+        runs.append(time.perf_counter() - t0)
+    return runs, out
+
+
+def free() -> None:
+    gc.collect()
+    mx.clear_cache()
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("mlx.core.", "")
+
+
+def param_bytes(model) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Runner:
+    """Measures the stages for one base (and optional refiner) source."""
+
+    def __init__(self, base: ModelSource, refiner: Optional[ModelSource], settings: Settings,
+                 compare: Optional[object] = None, log: Callable[[str], None] = _say):
+        self.base, self.refiner, self.s, self.compare, self.log = base, refiner, settings, compare, log
+        self.results: List[dict] = []
+        self.skipped: List[dict] = []
+
+    # ------------------------------------------------------------------ helpers
+    def _record(self, name: str, stage: str, dtype, runs: List[float], peak: int, load: Optional[float],
+                flop: Optional[int] = None, **extra) -> dict:
+        rec = {"name": name, "stage": stage, "dtype": dtype_name(dtype), "seconds": stats(runs),
+               "peak_memory_bytes": int(peak), "load_seconds": load, "flops": flop,
+               "tflops_per_second": (flop / stats(runs)["median"] / 1e12) if flop else None}
+        rec.update(extra)
+        self.results.append(rec)
+        m = rec["seconds"]
+        self.log(f"  {name:<22} {rec['dtype']:<9} median {m['median']:.4g} s "
+                 f"(min {m['min']:.4g}, max {m['max']:.4g}), peak {peak / 2 ** 30:.2f} GiB"
+                 + (f", load {load:.3g} s" if load is not None else ""))
+        return rec
+
+    def _load(self, source: ModelSource, name: str, dtype, bits: Optional[int] = None):
+        mx.reset_peak_memory()
+        t0 = time.perf_counter()
+        model = source.load(name, dtype)
+        if bits and name == "unet" and "unet" not in source.quantization:
+            from mlx_sdxl.quantize import quantize_unet
+
+            model = quantize_unet(model, bits=bits)
+        mx.eval(model.parameters())
+        return model, time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ stages
+    def unet(self, role: str, dtype, bits: Optional[int] = None) -> None:
+        source = self.base if role == BASE else self.refiner
+        cfg = UNetConfig.from_dict(source.configs["unet"])
+        s, f = self.s, self.vae_factor
+        h, w, b = s.height // f, s.width // f, s.batch
+        model, load = self._load(source, "unet", dtype, bits)
+        n_ids = 6 if role == BASE else 5
+        pooled = cfg.projection_class_embeddings_input_dim - n_ids * cfg.addition_time_embed_dim
+        key = mx.random.key(0)
+        inputs = dict(sample=mx.random.normal((b, h, w, cfg.in_channels), key=key),
+                      encoder_hidden_states=mx.random.normal((b, 77, cfg.cross_attention_dim), key=key),
+                      text_embeds=mx.random.normal((b, pooled), key=key),
+                      time_ids=mx.broadcast_to(mx.array([float(s.height), s.width, 0, 0, s.height, s.width][:n_ids]),
+                                               (b, n_ids)))
+        mx.eval(inputs)
+        step = lambda: model(inputs["sample"], 500.0, inputs["encoder_hidden_states"],  # noqa: E731
+                             text_embeds=inputs["text_embeds"], time_ids=inputs["time_ids"])
+        runs, out = time_runs(step, s.repeats, s.warmup)
+        name = f"unet_{role}" + (f"_q{bits}" if bits else "")
+        flop = flops.unet_flops(cfg, h, w, b, n_ids)
+        rec = self._record(name, "unet", dtype, runs, mx.get_peak_memory(), load, flop, model=role, bits=bits,
+                           batch=b, latent_size=[h, w], weights_bytes=param_bytes(model))
+        if self.compare is not None and not bits:
+            self.compare.unet(rec, model, inputs, out)  # frees our model's arrays as it copies them
+        model = None  # frees the weights before the next stage
+        free()
+
+    def vae(self, dtype) -> None:
+        s, f = self.s, self.vae_factor
+        model, load = self._load(self.base, "vae", dtype)
+        z = mx.random.normal((1, s.height // f, s.width // f, model.config.latent_channels), key=mx.random.key(1))
+        runs, out = time_runs(lambda: model.decode(z), s.repeats, s.warmup)
+        flop = flops.vae_decode_flops(model.config, s.height // f, s.width // f)
+        rec = self._record("vae_decode", "vae", dtype, runs, mx.get_peak_memory(), load, flop,
+                           compute_dtype=dtype_name(model.compute_dtype), batch=1, image_size=[s.height, s.width])
+        if self.compare is not None:
+            self.compare.vae(rec, model, z, out)
+        model = None  # frees the weights before the next stage
+        free()
+
+    def text(self, dtype) -> None:
+        """CLIP-L and bigG on a prompt and a negative prompt (what a base run encodes)."""
+        s = self.s
+        mx.reset_peak_memory()
+        t0 = time.perf_counter()
+        encoders, ids = [], []
+        for tok_name, name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+            model = self.base.load(name, dtype)
+            mx.eval(model.parameters())
+            encoders.append(model)
+            ids.append(mx.array(tokenize(self.base.tokenizer(tok_name), [PROMPT, NEGATIVE])))
+        load = time.perf_counter() - t0
+
+        def encode():
+            h1, _ = encoders[0](ids[0], need_pooled=False)
+            h2, pooled = encoders[1](ids[1])
+            return mx.concatenate([h1, h2], axis=-1), pooled
+
+        runs, out = time_runs(encode, s.repeats, s.warmup)
+        flop = sum(flops.text_encoder_flops(CLIPTextConfig.from_dict(self.base.configs[n]), batch=2)
+                   for n in ("text_encoder", "text_encoder_2"))
+        rec = self._record("text_encode", "text", dtype, runs, mx.get_peak_memory(), load, flop, batch=2)
+        if self.compare is not None:
+            self.compare.text(rec, encoders, ids, out)
+        encoders = None
+        free()
+
+    def e2e(self, dtype) -> None:
+        from mlx_sdxl import SDXLPipeline
+
+        s = self.s
+        estimate = self._e2e_estimate(dtype)
+        if estimate is not None and s.e2e_limit_minutes and estimate / 60 > s.e2e_limit_minutes:
+            reason = (f"estimated {estimate / 60:.0f} min per image from the stage timings, over "
+                      f"--e2e-limit {s.e2e_limit_minutes:g} min (raise it, or use a smaller --width/--height/--steps)")
+            self.skipped.append({"name": "e2e", "dtype": dtype_name(dtype), "reason": reason,
+                                 "estimated_seconds": estimate})
+            self.log(f"  e2e                    skipped: {reason}")
+            return
+        pipe = SDXLPipeline(self.base, self.refiner, dtype=dtype, refiner_bits=s.refiner_bits,
+                            low_memory=s.low_memory)
+        frac = s.high_noise_frac if self.refiner is not None else 1.0
+        run = lambda steps: pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps,  # noqa: E731
+                                 width=s.width, height=s.height, high_noise_frac=frac, seed=0, output_type="np")
+        mx.reset_peak_memory()
+        t0 = time.perf_counter()
+        run(2)  # warm-up: loads every model and builds the kernels
+        load = sum(v for k, v in pipe.last_timings.items() if k.startswith("load_"))
+        self.log(f"  e2e warm-up (2 steps, models loading) {time.perf_counter() - t0:.3g} s")
+        runs, breakdown = [], []
+        for _ in range(s.repeats):
+            t0 = time.perf_counter()
+            run(s.steps)
+            runs.append(time.perf_counter() - t0)
+            breakdown.append({k: (v.seconds if hasattr(v, "seconds") else v)
+                              for k, v in pipe.last_timings.items() if not k.startswith("load_")})
+        per_stage = {k: statistics.median(b[k] for b in breakdown) for k in breakdown[0]}
+        self._record("e2e", "e2e", dtype, runs, mx.get_peak_memory(), load, None, steps=s.steps,
+                     high_noise_frac=frac if self.refiner is not None else None, refiner_bits=s.refiner_bits,
+                     per_stage_seconds=per_stage, image_size=[s.height, s.width])
+        pipe = None
+        free()
+
+    def _e2e_estimate(self, dtype) -> Optional[float]:
+        """Seconds per image from this run's stage results, if they were measured."""
+        got = {r["name"]: r["seconds"]["median"] for r in self.results if r["dtype"] == dtype_name(dtype)}
+        if "unet_base" not in got:
+            return None
+        s = self.s
+        n_base = round(s.steps * s.high_noise_frac) if self.refiner is not None else s.steps
+        refiner = got.get(f"unet_refiner_q{s.refiner_bits}" if s.refiner_bits else "unet_refiner", got["unet_base"])
+        return n_base * got["unet_base"] + (s.steps - n_base) * refiner + got.get("vae_decode", 0) \
+            + got.get("text_encode", 0)
+
+    # ------------------------------------------------------------------ all
+    @property
+    def vae_factor(self) -> int:
+        return VAEConfig.from_dict(self.base.configs["vae"]).scale_factor
+
+    def run(self) -> None:
+        s = self.s
+        dtypes = [parse_dtype(d) for d in s.dtypes]
+        main = dtypes[0]
+        if "text" in s.only:
+            self.log("text encoders")
+            self.text(main)
+        if "unet" in s.only:
+            for dtype in dtypes:
+                self.log(f"UNets, {dtype_name(dtype)}")
+                self.unet(BASE, dtype)
+                if self.refiner is not None:
+                    self.unet(REFINER, dtype)
+                    if s.refiner_bits:
+                        self.unet(REFINER, dtype, bits=s.refiner_bits)
+        if "vae" in s.only:
+            self.log("VAE decode")
+            self.vae(main)
+        if "e2e" in s.only:
+            self.log(f"whole image: {s.steps} steps, {s.width}x{s.height}")
+            self.e2e(main)

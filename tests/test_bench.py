@@ -1,0 +1,183 @@
+"""The benchmark (bench/, `mlx-sdxl bench`) at tiny sizes, its FLOP counter, BLAS detection,
+and the float32 CPU kernels of mlx_sdxl.models.blocks against the MLX ops they replace."""
+
+import importlib.util
+import json
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from bench import machine
+from bench.cli import main as bench_main
+from bench.flops import text_encoder_flops, unet_flops, vae_decode_flops
+from mlx_sdxl.models import blocks
+from mlx_sdxl.models.clip import CLIPTextConfig
+from mlx_sdxl.models.unet import UNetConfig
+from mlx_sdxl.models.vae import VAEConfig
+
+TINY = ["--tiny", "--width", "64", "--height", "64", "--steps", "3", "--repeats", "2", "--warmup", "1"]
+
+
+def _finite_positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _check_record(rec):
+    sec = rec["seconds"]
+    assert set(sec) == {"median", "min", "max", "q1", "q3", "mean", "runs"}
+    assert all(_finite_positive(v) for k, v in sec.items() if k != "runs")
+    assert len(sec["runs"]) == 2 and all(_finite_positive(v) for v in sec["runs"])
+    assert sec["min"] <= sec["q1"] <= sec["median"] <= sec["q3"] <= sec["max"]
+    assert _finite_positive(rec["peak_memory_bytes"])
+    assert _finite_positive(rec["load_seconds"])
+    if rec["stage"] != "e2e":
+        assert _finite_positive(rec["flops"]) and _finite_positive(rec["tflops_per_second"])
+
+
+def test_tiny_run_writes_json_markdown_and_chart(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    md = tmp_path / "r.md"
+    png = tmp_path / "r.png"
+    rc = bench_main(TINY + ["--refiner-bits", "4", "--json", str(out), "--markdown", str(md), "--chart", str(png)],
+                    prog="mlx-sdxl bench")
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["schema_version"] == 1 and report["tool"] == "mlx-sdxl bench"
+    assert {"backend", "cpu", "memory_bytes", "os", "python", "mlx_version", "blas"} <= set(report["machine"])
+    assert report["settings"]["width"] == 64 and report["settings"]["batch"] == 2
+    names = [r["name"] for r in report["results"]]
+    assert names == ["text_encode", "unet_base", "unet_refiner", "unet_refiner_q4", "vae_decode", "e2e"]
+    for rec in report["results"]:
+        _check_record(rec)
+    unet = report["results"][1]
+    assert unet["latent_size"] == [8, 8] and unet["batch"] == 2 and unet["dtype"] == "float32"
+    assert report["results"][3]["bits"] == 4
+    assert report["results"][3]["weights_bytes"] < report["results"][2]["weights_bytes"]
+    e2e = report["results"][-1]
+    assert e2e["steps"] == 3 and {"base", "refiner", "decode"} <= set(e2e["per_stage_seconds"])
+    table = md.read_text()
+    assert "| base UNet step | float32 |" in table and "| whole image | float32 |" in table
+    assert table in capsys.readouterr().out  # the table is printed too
+    if importlib.util.find_spec("matplotlib") is None:
+        assert not png.exists()
+        pytest.skip("matplotlib missing: the chart is skipped (checked that no file was written)")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_real_model_folders_against_diffusers(tiny_sdxl, tmp_path):
+    """--model / --refiner folders; --compare diffusers runs the base UNet with the same weights in
+    PyTorch (a child process, ~8 s of imports): same output, a positive ratio."""
+    base, refiner = tiny_sdxl[0], tiny_sdxl[1]
+    out = tmp_path / "r.json"
+    rc = bench_main(["--model", str(base), "--refiner", str(refiner), "--width", "64", "--height", "64",
+                     "--repeats", "2", "--only", "unet,text", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["weights"] == str(base)
+    assert [r["name"] for r in report["results"]] == ["text_encode", "unet_base", "unet_refiner"]
+    for rec in report["results"]:
+        _check_record(rec)
+    rc = bench_main(["--model", str(base), "--width", "64", "--height", "64", "--repeats", "2", "--only", "unet",
+                     "--compare", "diffusers", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["compare"]["diffusers"]["device"] == "cpu"
+    (rec,) = report["results"]
+    d = rec["diffusers"]
+    assert _finite_positive(d["mlx_over_diffusers"]) and _finite_positive(d["seconds"]["median"])
+    assert d["output_rel_l2"] <= 1e-4
+
+
+def test_bad_arguments_fail_cleanly(capsys):
+    assert bench_main([]) == 2
+    assert "--random-weights" in capsys.readouterr().err
+    assert bench_main(["--tiny", "--only", "unet,gpu"]) == 2
+    assert "--only takes" in capsys.readouterr().err
+    assert bench_main(["--tiny", "--width", "100"]) == 2
+    assert bench_main(["--tiny", "--dtype", "int8"]) == 2
+    assert "unknown dtype" in capsys.readouterr().err
+
+
+def test_mlx_sdxl_bench_subcommand(capsys):
+    from mlx_sdxl.cli import main
+
+    assert main(["bench", "--help"]) == 0
+    assert "mlx-sdxl bench" in capsys.readouterr().out
+
+
+def test_flop_counts_match_the_reference_numbers():
+    """Counted at full size from shapes alone (nothing evaluated); reference: sdxl-facts §7."""
+    base, refiner = UNetConfig.sdxl_base(), UNetConfig.sdxl_refiner()
+    assert unet_flops(base, 128, 128) / 1e12 == pytest.approx(6.761, abs=1e-3)
+    assert unet_flops(refiner, 128, 128, n_ids=5) / 1e12 == pytest.approx(7.286, abs=1e-3)
+    assert unet_flops(base, 64, 64, batch=2) == 2 * unet_flops(base, 64, 64)
+    assert vae_decode_flops(VAEConfig.sdxl(), 128, 128) / 1e12 == pytest.approx(10.47, abs=0.01)
+    big_g = CLIPTextConfig(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120,
+                           hidden_act="gelu", projection_dim=1280, with_projection=True)
+    assert text_encoder_flops(big_g) / 1e9 == pytest.approx(97.9, abs=0.1)
+
+
+def test_blas_detection(monkeypatch):
+    info = machine.blas_info()
+    assert info["library"] in ("openblas", "mkl", "blis", "reference", "accelerate", "unknown")
+    if machine.backend() == "cpu":
+        assert _finite_positive(info["matmul_gflops"]) and info["slow"] == (info["matmul_gflops"] < 15)
+    if machine.sys.platform == "linux":
+        monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
+        assert machine.blas_info(measure=False)["library"] == "openblas"
+        monkeypatch.delenv("LD_PRELOAD")
+        if any("mlx_cpu.libs" in p for p in machine.loaded_blas_libraries()):
+            assert machine.blas_info(measure=False)["library"] == "reference"
+    assert "LD_PRELOAD=" in machine.openblas_hint() and "libopenblas0-pthread" in machine.openblas_hint()
+
+
+# ----------------------------------------------------------------------------- CPU kernels
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+needs_cpu_kernels = pytest.mark.skipif(not blocks.use_cpu_kernels(mx.zeros((1,))),
+                                       reason="the float32 CPU kernels are off here (no CPU backend or no g++)")
+
+
+@needs_cpu_kernels
+def test_cpu_activations_equal_mlx_ops():
+    x = 4 * mx.random.normal((3, 333, 257), key=mx.random.key(0))
+    x = mx.concatenate([x.flatten(), mx.array([0.0, -0.0, 1e-30, -87.5, -88.5, 88.5, -200.0, 200.0, 1e4, -1e4])])
+    assert _rel(blocks.silu(x), nn.silu(x)) < 2e-7
+    h = mx.random.normal(x.shape, key=mx.random.key(1))
+    assert _rel(blocks.geglu(h, x), h * nn.gelu(x)) < 2e-7
+    for v in (-1e4, -200.0, -88.5, 0.0, 88.5, 1e4):  # saturation, underflow, overflow: as MLX
+        v = mx.array([v])
+        assert np.allclose(blocks.silu(v), nn.silu(v), rtol=1e-6, atol=1e-30)
+        assert np.allclose(blocks.geglu(mx.ones(1), v), nn.gelu(v), rtol=1e-6, atol=1e-30)
+    assert blocks.silu(mx.zeros((2,), mx.float16)).dtype == mx.float16  # other dtypes: MLX's own ops
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("chunk_bytes", [blocks.CPU_CHUNK_BYTES, 4096])
+def test_cpu_attention_equals_fused_sdpa(monkeypatch, chunk_bytes):
+    monkeypatch.setattr(blocks, "CPU_CHUNK_BYTES", chunk_bytes)  # 4096: many query chunks
+    keys = mx.random.split(mx.random.key(2), 3)
+    q, k, v = (3 * mx.random.normal((2, 3, n, 16), key=kk) for n, kk in zip((50, 77, 77), keys))
+    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25)
+    assert _rel(blocks.attention(q, k, v, 0.25), ref) < 5e-7
+
+
+@needs_cpu_kernels
+def test_cpu_feed_forward_chunks_and_split_equal_the_plain_path(monkeypatch):
+    from mlx_sdxl.models.unet import FeedForward
+
+    ff = FeedForward(32)
+    x = mx.random.normal((2, 45, 32), key=mx.random.key(3))
+    w = ff.net[0].proj
+    h, g = mx.split(x @ w.weight.T + w.bias, 2, axis=-1)
+    ref = ff.net[2](h * nn.gelu(g))
+    for chunk in (blocks.CPU_CHUNK_BYTES, 4 * 2 * 128 * 7):  # one piece; 7 tokens at a time
+        monkeypatch.setattr(blocks, "CPU_CHUNK_BYTES", chunk)
+        assert _rel(ff(x), ref) < 5e-7
