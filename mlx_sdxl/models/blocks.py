@@ -112,8 +112,8 @@ def geglu(h: mx.array, gate: mx.array) -> mx.array:
 CPU_CHUNK_BYTES = 4 << 20
 
 
-def _attention_rows(q, kt, v, scale):
-    s = (q * scale) @ kt
+def _attention_rows(q, kt, v):
+    s = q @ kt
     p, b = _exp_parts(s - s.max(axis=-1, keepdims=True))
     e = p * _pow2_bits(b.view(mx.int32)).view(mx.float32)
     # normalising after the second matmul divides (tokens, dim) values, not (tokens, tokens)
@@ -124,12 +124,14 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     """softmax(q kᵀ · scale) v over (B, heads, tokens, dim) arrays."""
     if not use_cpu_kernels(q):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    # per-head matrices laid out once (the matmuls would copy strided operands at every chunk)
+    q, k, v = mx.contiguous(q * scale), mx.contiguous(k), mx.contiguous(v)
+    kt = k.swapaxes(-1, -2)
     b, h, n, _ = q.shape
     rows = max(1, CPU_CHUNK_BYTES // (4 * b * h * k.shape[2]))
-    kt = k.swapaxes(-1, -2)
     if rows >= n:
-        return _attention_rows(q, kt, v, scale)
-    return mx.concatenate([_attention_rows(q[:, :, i:i + rows], kt, v, scale) for i in range(0, n, rows)], axis=2)
+        return _attention_rows(q, kt, v)
+    return mx.concatenate([_attention_rows(q[:, :, i:i + rows], kt, v) for i in range(0, n, rows)], axis=2)
 
 
 def group_norm(channels: int, eps: float, groups: int = 32) -> nn.GroupNorm:
