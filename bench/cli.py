@@ -57,6 +57,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                      help="skip whole images whose estimate (from the stage timings) exceeds this; 0 = no limit "
                           "(default 30)")
     run.add_argument("--low-memory", action="store_true", help="whole images free each model after its stage")
+    run.add_argument("--compile", action="store_true",
+                     help="time the UNet steps through the compiled forward pass (UNet2DConditionModel.compiled)")
     run.add_argument("--compare", choices=("diffusers",),
                      help="also run the same stages in diffusers/PyTorch with the same weights and report the ratio")
     out = p.add_argument_group("output")
@@ -165,7 +167,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m bench") -> int
     settings = Settings(width=args.width, height=args.height, steps=args.steps, high_noise_frac=args.high_noise_frac,
                         batch=args.batch, dtypes=dtypes, repeats=args.repeats, warmup=args.warmup,
                         refiner_bits=args.refiner_bits if refiner is not None else None, only=args.only,
-                        compare=args.compare, e2e_limit_minutes=args.e2e_limit, low_memory=args.low_memory)
+                        compare=args.compare, e2e_limit_minutes=args.e2e_limit, low_memory=args.low_memory,
+                        compile=args.compile)
     runner = Runner(base, refiner, settings, compare, log)
     started = time.perf_counter()
     try:
@@ -194,6 +197,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m bench") -> int
             "high_noise_frac": args.high_noise_frac, "batch": args.batch, "dtypes": dtypes,
             "refiner_bits": settings.refiner_bits, "only": args.only, "repeats": args.repeats,
             "warmup": args.warmup, "compare": args.compare, "low_memory": args.low_memory,
+            "compile": args.compile,
             "cpu_kernels": use_cpu_kernels(mx.zeros((1,))) if machine["backend"] == "cpu" else False,
         },
         "results": runner.results,

@@ -47,6 +47,7 @@ class Settings:
     compare: Optional[str] = None
     e2e_limit_minutes: float = 30.0
     low_memory: bool = False
+    compile: bool = False
 
 
 def stats(runs: List[float]) -> dict:
@@ -97,9 +98,10 @@ class Runner:
 
     # ------------------------------------------------------------------ helpers
     def _record(self, name: str, stage: str, dtype, runs: List[float], peak: int, load: Optional[float],
-                flop: Optional[int] = None, **extra) -> dict:
+                flop: Optional[int] = None, load_peak: Optional[int] = None, **extra) -> dict:
         rec = {"name": name, "stage": stage, "dtype": dtype_name(dtype), "seconds": stats(runs),
-               "peak_memory_bytes": int(peak), "load_seconds": load, "flops": flop,
+               "peak_memory_bytes": int(peak), "load_seconds": load,
+               "load_peak_memory_bytes": None if load_peak is None else int(load_peak), "flops": flop,
                "tflops_per_second": (flop / stats(runs)["median"] / 1e12) if flop else None}
         rec.update(extra)
         self.results.append(rec)
@@ -118,7 +120,13 @@ class Runner:
 
             model = quantize_unet(model, bits=bits)
         mx.eval(model.parameters())
-        return model, time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        # what a step needs is the resident weights plus the step's own working memory; the
+        # loading peak (a dense copy being quantized, say) is kept apart
+        self.load_peak = mx.get_peak_memory()
+        free()
+        mx.reset_peak_memory()
+        return model, seconds
 
     # ------------------------------------------------------------------ stages
     def unet(self, role: str, dtype, bits: Optional[int] = None) -> None:
@@ -133,16 +141,19 @@ class Runner:
         inputs = dict(sample=mx.random.normal((b, h, w, cfg.in_channels), key=key),
                       encoder_hidden_states=mx.random.normal((b, 77, cfg.cross_attention_dim), key=key),
                       text_embeds=mx.random.normal((b, pooled), key=key),
-                      time_ids=mx.broadcast_to(mx.array([float(s.height), s.width, 0, 0, s.height, s.width][:n_ids]),
-                                               (b, n_ids)))
+                      time_ids=mx.broadcast_to(mx.array(  # original size, crop, target size or aesthetic score
+                          [float(s.height), s.width, 0, 0] + ([s.height, s.width] if role == BASE else [6.0])),
+                          (b, n_ids)))
         mx.eval(inputs)
-        step = lambda: model(inputs["sample"], 500.0, inputs["encoder_hidden_states"],  # noqa: E731
-                             text_embeds=inputs["text_embeds"], time_ids=inputs["time_ids"])
+        forward = model.compiled() if s.compile else model
+        t = mx.array(500.0)
+        step = lambda: forward(inputs["sample"], t, inputs["encoder_hidden_states"],  # noqa: E731
+                               text_embeds=inputs["text_embeds"], time_ids=inputs["time_ids"])
         runs, out = time_runs(step, s.repeats, s.warmup)
         name = f"unet_{role}" + (f"_q{bits}" if bits else "")
         flop = flops.unet_flops(cfg, h, w, b, n_ids)
-        rec = self._record(name, "unet", dtype, runs, mx.get_peak_memory(), load, flop, model=role, bits=bits,
-                           batch=b, latent_size=[h, w], weights_bytes=param_bytes(model))
+        rec = self._record(name, "unet", dtype, runs, mx.get_peak_memory(), load, flop, self.load_peak,
+                           model=role, bits=bits, compiled=s.compile, batch=b, latent_size=[h, w], weights_bytes=param_bytes(model))
         if self.compare is not None and not bits:
             self.compare.unet(rec, model, inputs, out)  # frees our model's arrays as it copies them
         model = None  # frees the weights before the next stage
@@ -154,7 +165,7 @@ class Runner:
         z = mx.random.normal((1, s.height // f, s.width // f, model.config.latent_channels), key=mx.random.key(1))
         runs, out = time_runs(lambda: model.decode(z), s.repeats, s.warmup)
         flop = flops.vae_decode_flops(model.config, s.height // f, s.width // f)
-        rec = self._record("vae_decode", "vae", dtype, runs, mx.get_peak_memory(), load, flop,
+        rec = self._record("vae_decode", "vae", dtype, runs, mx.get_peak_memory(), load, flop, self.load_peak,
                            compute_dtype=dtype_name(model.compute_dtype), batch=1, image_size=[s.height, s.width])
         if self.compare is not None:
             self.compare.vae(rec, model, z, out)
@@ -173,6 +184,8 @@ class Runner:
             encoders.append(model)
             ids.append(mx.array(tokenize(self.base.tokenizer(tok_name), [PROMPT, NEGATIVE])))
         load = time.perf_counter() - t0
+        load_peak = mx.get_peak_memory()
+        mx.reset_peak_memory()
 
         def encode():
             h1, _ = encoders[0](ids[0], need_pooled=False)
@@ -182,7 +195,7 @@ class Runner:
         runs, out = time_runs(encode, s.repeats, s.warmup)
         flop = sum(flops.text_encoder_flops(CLIPTextConfig.from_dict(self.base.configs[n]), batch=2)
                    for n in ("text_encoder", "text_encoder_2"))
-        rec = self._record("text_encode", "text", dtype, runs, mx.get_peak_memory(), load, flop, batch=2)
+        rec = self._record("text_encode", "text", dtype, runs, mx.get_peak_memory(), load, flop, load_peak, batch=2)
         if self.compare is not None:
             self.compare.text(rec, encoders, ids, out)
         encoders = None

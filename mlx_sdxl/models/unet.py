@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
@@ -288,7 +289,8 @@ class FeedForward(nn.Module):
         self.net = [GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim)]
 
     def __call__(self, x: mx.array) -> mx.array:
-        if not use_cpu_kernels(x):
+        dense = isinstance(self.net[0].proj, nn.Linear) and isinstance(self.net[2], nn.Linear)
+        if not (use_cpu_kernels(x) and dense):  # quantized layers would dequantize once per chunk
             return self.net[2](self.net[0](x))
         # CPU: a few hundred tokens at a time, so the GEGLU's two hidden halves stay
         # small (see blocks.CPU_CHUNK_BYTES)
@@ -497,7 +499,22 @@ class UNet2DConditionModel(nn.Module):
             count = len(block.resnets)
             target = skips[-count - 1].shape[1:3] if len(skips) > count else None
             x = block(x, skips, emb, context, target)
-        return self.conv_out(silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, silu=True))
+
+    def compiled(self):
+        """This forward pass as one compiled MLX function, f(sample, timestep, context,
+        text_embeds, time_ids): elementwise work fuses across layers. It traces once
+        per input shape; pass the timestep as an mx.array, or every new value retraces."""
+        @partial(mx.compile, inputs=self.state)
+        def forward(sample, timestep, context, text_embeds, time_ids):
+            return self(sample, timestep, context, text_embeds=text_embeds, time_ids=time_ids)
+
+        def call(sample, timestep, context, text_embeds=None, time_ids=None):
+            self._check_inputs(sample, context, text_embeds, time_ids)  # clear errors before tracing
+            t = timestep if isinstance(timestep, mx.array) else mx.array(timestep, dtype=mx.float32)
+            return forward(sample, t, context, text_embeds, time_ids)
+
+        return call
 
 
 def unet_from_weights(config: UNetConfig, weights: dict, dtype=None) -> UNet2DConditionModel:

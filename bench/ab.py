@@ -1,0 +1,134 @@
+"""A/B timings of the UNet's execution variants, in one process, on the same random
+full-size weights and inputs, so that the differences are the variants' alone:
+
+- `eager`: plain MLX ops (blocks.FUSE off);
+- `fused`: the compiled GroupNorm+SiLU and GEGLU kernels (the GPU default);
+- `compiled`: the whole forward pass through `UNet2DConditionModel.compiled()`;
+- for the quantized refiner, also the token threshold at which QLinear switches from
+  `quantized_matmul` to dequantize + dense GEMM (0 = always dense, huge = never),
+  and linear-only quantization.
+
+    python -m bench.ab --dtype float16 --size 1024 --json ab.json
+
+The JSON is rewritten after every measurement, so a run cut short keeps what it got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Callable, List
+
+import mlx.core as mx
+
+from mlx_sdxl import quantize
+from mlx_sdxl.models import blocks
+from mlx_sdxl.models.unet import UNetConfig
+from mlx_sdxl.sources import BASE, REFINER
+from mlx_sdxl.weights import parse_dtype
+
+from .machine import machine_info
+from .models import FULL, TINY, build_random
+from .run import free, param_bytes, stats
+
+NEVER = 1 << 40  # a token threshold no input reaches
+
+
+def inputs(cfg: UNetConfig, role: str, size: int, batch: int, dtype):
+    n_ids = 6 if role == BASE else 5
+    h = size // 8
+    key = mx.random.key(0)
+    pooled = cfg.projection_class_embeddings_input_dim - n_ids * cfg.addition_time_embed_dim
+    ids = [float(size), size, 0, 0] + ([size, size] if role == BASE else [6.0])
+    args = (mx.random.normal((batch, h, h, cfg.in_channels), key=key).astype(dtype), mx.array(500.0),
+            mx.random.normal((batch, 77, cfg.cross_attention_dim), key=key).astype(dtype),
+            mx.random.normal((batch, pooled), key=key).astype(dtype),
+            mx.broadcast_to(mx.array(ids), (batch, n_ids)).astype(dtype))
+    mx.eval(args)
+    return args
+
+
+def measure(fn: Callable, args, repeats: int, warmup: int) -> dict:
+    free()
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        mx.eval(fn(*args))
+    first = time.perf_counter() - t0
+    runs: List[float] = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mx.eval(fn(*args))
+        runs.append(time.perf_counter() - t0)
+    return {"seconds": stats(runs), "warmup_seconds": first, "peak_memory_bytes": mx.get_peak_memory()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--size", type=int, default=1024, help="image side in pixels (latents are size/8)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--models", default="base,refiner,refiner_q", help="comma-separated: base, refiner, refiner_q")
+    p.add_argument("--tiny", action="store_true", help="tiny random models (a smoke test)")
+    p.add_argument("--json", required=True)
+    a = p.parse_args(argv)
+    dtype = parse_dtype(a.dtype)
+    configs = TINY if a.tiny else FULL
+    out = {"machine": machine_info(measure_blas=False), "settings": vars(a), "results": []}
+
+    def record(name: str, variant: str, res: dict, model) -> None:
+        res.update(model=name, variant=variant, weights_bytes=param_bytes(model))
+        out["results"].append(res)
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+        m = res["seconds"]
+        print(f"{name:<12} {variant:<22} median {m['median'] * 1e3:9.2f} ms  (min {m['min'] * 1e3:.2f}, max "
+              f"{m['max'] * 1e3:.2f})  peak {res['peak_memory_bytes'] / 2 ** 30:6.2f} GiB  first "
+              f"{res['warmup_seconds']:.1f} s", flush=True)
+
+    def variants(name: str, model, args, which=("eager", "fused", "compiled")) -> None:
+        for variant in which:
+            blocks.FUSE = variant != "eager"
+            fn = model.compiled() if variant == "compiled" else \
+                (lambda x, t, c, te, ids: model(x, t, c, text_embeds=te, time_ids=ids))
+            record(name, variant, measure(fn, args, a.repeats, a.warmup), model)
+        blocks.FUSE = True
+
+    for name in a.models.split(","):
+        role = BASE if name == "base" else REFINER
+        config = configs[role]["unet"]
+        cfg = UNetConfig.from_dict(config)
+        args = inputs(cfg, role, a.size, a.batch, dtype)
+        if name != "refiner_q":
+            model = build_random("unet", config, dtype, seed=1)
+            variants(name, model, args)
+        else:  # (peaks then hold the quantized weights only)
+            for convs in (True, False):
+                q = quantize.quantize_unet(build_random("unet", config, dtype, seed=1), bits=a.bits, convs=convs)
+                free()
+                label = f"q{a.bits}" + ("" if convs else "_linear_only")
+                variants(f"refiner_{label}", q, args, ("fused", "compiled") if convs else ("fused",))
+                if convs:
+                    key = "gpu" if mx.default_device().type == mx.gpu else "cpu"
+                    default = quantize.DENSE_TOKENS[key]
+                    for threshold in (0, 77, 1024, NEVER):
+                        quantize.DENSE_TOKENS[key] = threshold
+                        res = measure(lambda x, t, c, te, ids: q(x, t, c, text_embeds=te, time_ids=ids), args,
+                                      a.repeats, a.warmup)
+                        record(f"refiner_{label}", f"dense_tokens={threshold if threshold != NEVER else 'never'}",
+                               res, q)
+                    quantize.DENSE_TOKENS[key] = default
+                q = None
+        model = None
+        free()
+    print(f"wrote {a.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
