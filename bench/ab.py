@@ -97,7 +97,7 @@ def main(argv=None) -> int:
             fn = model.compiled() if variant == "compiled" else \
                 (lambda x, t, c, te, ids: model(x, t, c, text_embeds=te, time_ids=ids))
             record(name, variant, measure(fn, args, a.repeats, a.warmup), model)
-        blocks.FUSE = True
+        blocks.FUSE = False
 
     for name in a.models.split(","):
         role = BASE if name == "base" else REFINER

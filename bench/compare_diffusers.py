@@ -118,6 +118,9 @@ class DiffusersComparison:
                             "mlx_over_diffusers": rec["seconds"]["median"] / statistics.median(runs),
                             "output_rel_l2": float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))}
         self.info.setdefault("torch_threads", result.get("torch_threads"))
+        d = rec["diffusers"]
+        print(f"  {rec['name']:<22} diffusers median {d['seconds']['median']:.4g} s; MLX / diffusers "
+              f"{d['mlx_over_diffusers']:.3f}; output rel L2 {d['output_rel_l2']:.2e}", file=sys.stderr, flush=True)
 
 
 def _np(a) -> np.ndarray:

@@ -146,7 +146,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
 # a layer norm, the affine and the activation as separate passes. Statistics and
 # the affine are computed in float32, as PyTorch's half-precision GroupNorm does.
 # FUSE switches this off (for measuring the difference).
-FUSE = True
+FUSE = False
 
 
 def use_fused(x: mx.array) -> bool:
