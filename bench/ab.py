@@ -1,8 +1,7 @@
 """A/B timings of the UNet's execution variants, in one process, on the same random
 full-size weights and inputs, so that the differences are the variants' alone:
 
-- `eager`: plain MLX ops (blocks.FUSE off);
-- `fused`: the compiled GroupNorm+SiLU and GEGLU kernels (the GPU default);
+- `eager`: the model called op by op;
 - `compiled`: the whole forward pass through `UNet2DConditionModel.compiled()`;
 - for the quantized refiner, also the token threshold at which QLinear switches from
   `quantized_matmul` to dequantize + dense GEMM (0 = always dense, huge = never),
@@ -24,7 +23,6 @@ from typing import Callable, List
 import mlx.core as mx
 
 from mlx_sdxl import quantize
-from mlx_sdxl.models import blocks
 from mlx_sdxl.models.unet import UNetConfig
 from mlx_sdxl.sources import BASE, REFINER
 from mlx_sdxl.weights import parse_dtype
@@ -74,6 +72,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--models", default="base,refiner,refiner_q", help="comma-separated: base, refiner, refiner_q")
+    p.add_argument("--variants", default="eager,compiled", help="comma-separated: eager, compiled")
+    p.add_argument("--thresholds", default="",
+                   help="quantized refiner: QLinear token thresholds to try, e.g. 0,77,1024,never")
     p.add_argument("--tiny", action="store_true", help="tiny random models (a smoke test)")
     p.add_argument("--json", required=True)
     a = p.parse_args(argv)
@@ -91,13 +92,13 @@ def main(argv=None) -> int:
               f"{m['max'] * 1e3:.2f})  peak {res['peak_memory_bytes'] / 2 ** 30:6.2f} GiB  first "
               f"{res['warmup_seconds']:.1f} s", flush=True)
 
-    def variants(name: str, model, args, which=("eager", "fused", "compiled")) -> None:
-        for variant in which:
-            blocks.FUSE = variant != "eager"
+    chosen = a.variants.split(",")
+
+    def variants(name: str, model, args, which=("eager", "compiled")) -> None:
+        for variant in (v for v in which if v in chosen):
             fn = model.compiled() if variant == "compiled" else \
                 (lambda x, t, c, te, ids: model(x, t, c, text_embeds=te, time_ids=ids))
             record(name, variant, measure(fn, args, a.repeats, a.warmup), model)
-        blocks.FUSE = False
 
     for name in a.models.split(","):
         role = BASE if name == "base" else REFINER
@@ -112,11 +113,11 @@ def main(argv=None) -> int:
                 q = quantize.quantize_unet(build_random("unet", config, dtype, seed=1), bits=a.bits, convs=convs)
                 free()
                 label = f"q{a.bits}" + ("" if convs else "_linear_only")
-                variants(f"refiner_{label}", q, args, ("fused", "compiled") if convs else ("fused",))
+                variants(f"refiner_{label}", q, args, ("eager", "compiled") if convs else ("eager",))
                 if convs:
                     key = "gpu" if mx.default_device().type == mx.gpu else "cpu"
                     default = quantize.DENSE_TOKENS[key]
-                    for threshold in (0, 77, 1024, NEVER):
+                    for threshold in [NEVER if v == "never" else int(v) for v in a.thresholds.split(",") if v]:
                         quantize.DENSE_TOKENS[key] = threshold
                         res = measure(lambda x, t, c, te, ids: q(x, t, c, text_embeds=te, time_ids=ids), args,
                                       a.repeats, a.warmup)

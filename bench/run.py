@@ -47,7 +47,7 @@ class Settings:
     compare: Optional[str] = None
     e2e_limit_minutes: float = 30.0
     low_memory: bool = False
-    compile: bool = False
+    compile: str = "auto"  # on, off, or auto: as the pipeline does (dense UNets on a GPU)
 
 
 def stats(runs: List[float]) -> dict:
@@ -145,7 +145,8 @@ class Runner:
                           [float(s.height), s.width, 0, 0] + ([s.height, s.width] if role == BASE else [6.0])),
                           (b, n_ids)))
         mx.eval(inputs)
-        forward = model.compiled() if s.compile else model
+        compiled = s.compile == "on" or (s.compile == "auto" and mx.default_device().type == mx.gpu and not bits)
+        forward = model.compiled() if compiled else model
         t = mx.array(500.0)
         step = lambda: forward(inputs["sample"], t, inputs["encoder_hidden_states"],  # noqa: E731
                                text_embeds=inputs["text_embeds"], time_ids=inputs["time_ids"])
@@ -153,7 +154,8 @@ class Runner:
         name = f"unet_{role}" + (f"_q{bits}" if bits else "")
         flop = flops.unet_flops(cfg, h, w, b, n_ids)
         rec = self._record(name, "unet", dtype, runs, mx.get_peak_memory(), load, flop, self.load_peak,
-                           model=role, bits=bits, compiled=s.compile, batch=b, latent_size=[h, w], weights_bytes=param_bytes(model))
+                           model=role, bits=bits, compiled=compiled, batch=b, latent_size=[h, w],
+                           weights_bytes=param_bytes(model))
         if self.compare is not None and not bits:
             self.compare.unet(rec, model, inputs, out)  # frees our model's arrays as it copies them
         model = None  # frees the weights before the next stage

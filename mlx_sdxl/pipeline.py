@@ -52,7 +52,7 @@ class SDXLPipeline:
     def __init__(self, base: ModelSource, refiner: Optional[ModelSource] = None, *, dtype=mx.float16,
                  refiner_bits: Optional[int] = None, low_memory: bool = False, vae: Optional[ModelSource] = None,
                  base_bits: Optional[int] = None, text_encoder_bits: Optional[int] = None,
-                 group_size: int = 64):
+                 group_size: int = 64, compile: Optional[bool] = None):
         self.base = base
         self.refiner = refiner
         self.dtype = parse_dtype(dtype) or mx.float16
@@ -66,6 +66,9 @@ class SDXLPipeline:
             for bits in filter(None, (refiner_bits, base_bits, text_encoder_bits)):
                 check_settings(bits, group_size)
         self.low_memory = low_memory
+        if compile not in (None, True, False):
+            raise InputError(f"compile must be None (automatic), True or False, got {compile!r}")
+        self.compile = compile
         self.vae_source = vae or base
         self._models = {}
         self._lock = threading.RLock()
@@ -80,7 +83,7 @@ class SDXLPipeline:
     def from_pretrained(cls, base, refiner=None, *, dtype=mx.float16, refiner_bits: Optional[int] = None,
                         low_memory: bool = False, vae=None, config=None, refiner_config=None, tokenizer=None,
                         tokenizer_2=None, base_bits: Optional[int] = None, text_encoder_bits: Optional[int] = None,
-                        group_size: int = 64) -> "SDXLPipeline":
+                        group_size: int = 64, compile: Optional[bool] = None) -> "SDXLPipeline":
         """Load lazily from any source: a diffusers folder, a hub id, a single-file
         .safetensors checkpoint, or a folder written by `mlx-sdxl convert` (whose
         refiner/ is used unless refiner=False).
@@ -91,6 +94,10 @@ class SDXLPipeline:
         `base_bits` and `text_encoder_bits` (2, 3, 4, 5, 6 or 8, with `group_size` 32,
         64 or 128) quantize those models as they load; pre-quantized converted
         folders need no flag.
+
+        `compile` runs each UNet step as one compiled MLX graph. None (the default)
+        compiles the dense UNets on a GPU (about 10% faster there) and leaves
+        quantized ones uncompiled, which keeps their peak memory low.
         """
         from pathlib import Path
 
@@ -108,7 +115,8 @@ class SDXLPipeline:
                                   tokenizer_2=tokenizer_2) if refiner is not None else None
         vae_src = vae_source(vae) if vae is not None else None
         return cls(base_src, refiner_src, dtype=dtype, refiner_bits=refiner_bits, low_memory=low_memory,
-                   vae=vae_src, base_bits=base_bits, text_encoder_bits=text_encoder_bits, group_size=group_size)
+                   vae=vae_src, base_bits=base_bits, text_encoder_bits=text_encoder_bits, group_size=group_size,
+                   compile=compile)
 
     def _check_compatible(self) -> None:
         b, r = self.base, self.refiner
@@ -249,6 +257,7 @@ class SDXLPipeline:
         """Run the scheduler steps `indices` with one mx.eval per step."""
         embeds, pooled, time_ids = cond
         do_cfg = guidance_scale > 1
+        unet = self._step_forward(unet)
         steps = list(indices)
         keys = mx.random.split(key, max(len(steps), 1))
         t0 = time.perf_counter()
@@ -273,6 +282,15 @@ class SDXLPipeline:
                 raise Cancelled()
         self.last_timings[stage] = StageTiming(time.perf_counter() - t0, len(steps), mx.get_peak_memory())
         return x
+
+    def _step_forward(self, unet):
+        """The UNet as each step calls it: compiled or not, per `compile`."""
+        want = self.compile
+        if want is None:
+            from .quantize import quantization_info
+
+            want = mx.default_device().type == mx.gpu and not quantization_info(unet)
+        return unet.compiled() if want else unet
 
     def _stage_conditioning(self, stage, prompts, negative_prompt, prompt_2, negative_prompt_2, num_images,
                             clip_skip, do_cfg, ids_pos, ids_neg):

@@ -78,6 +78,14 @@ def _check_divisible(what: str, cols: int, group_size: int) -> None:
                           "such layers must stay dense")
 
 
+def _dequantize(layer, after: Optional[mx.array] = None) -> mx.array:
+    """The layer's dense weight matrix. With `after` (the layer's input), the
+    dequantization is ordered after that input is computed, so in a long lazy or
+    compiled graph each dense weight exists only around its own use, not ahead."""
+    w = layer.weight if after is None else mx.depends(layer.weight, after)
+    return mx.dequantize(w, layer.scales, layer.biases, layer.group_size, layer.bits)
+
+
 class QLinear(nn.Module):
     """A Linear layer with an affine-quantized weight (see the module docstring)."""
 
@@ -107,14 +115,14 @@ class QLinear(nn.Module):
         return (f"input_dims={packed * 32 // self.bits}, output_dims={out_dims}, bias={'bias' in self}, "
                 f"bits={self.bits}, group_size={self.group_size}")
 
-    def dense_weight(self) -> mx.array:
-        """The dequantized (output_dims, input_dims) weight."""
-        return mx.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)
+    def dense_weight(self, after: Optional[mx.array] = None) -> mx.array:
+        """The dequantized (output_dims, input_dims) weight (`after`: see _dequantize)."""
+        return _dequantize(self, after)
 
     def __call__(self, x: mx.array) -> mx.array:
         threshold = self.dense_tokens if self.dense_tokens is not None else dense_tokens_default()
         if x.size // x.shape[-1] >= threshold:
-            w = self.dense_weight().T
+            w = self.dense_weight(after=x).T
             return mx.addmm(self.bias, x, w) if "bias" in self else x @ w
         y = mx.quantized_matmul(x, self.weight, self.scales, self.biases, transpose=True,
                                 group_size=self.group_size, bits=self.bits)
@@ -157,13 +165,12 @@ class QConv2d(nn.Module):
         return (f"{i}, {o}, kernel_size={(kh, kw)}, stride={self.stride}, padding={self.padding}, "
                 f"bias={'bias' in self}, bits={self.bits}, group_size={self.group_size}")
 
-    def dense_weight(self) -> mx.array:
-        """The dequantized kernel in MLX layout (O, kh, kw, I)."""
-        w = mx.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)
-        return w.reshape(self.kernel_shape)
+    def dense_weight(self, after: Optional[mx.array] = None) -> mx.array:
+        """The dequantized kernel in MLX layout (O, kh, kw, I) (`after`: see _dequantize)."""
+        return _dequantize(self, after).reshape(self.kernel_shape)
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = mx.conv2d(x, self.dense_weight(), self.stride, self.padding, self.dilation)
+        y = mx.conv2d(x, self.dense_weight(after=x), self.stride, self.padding, self.dilation)
         return y + self.bias if "bias" in self else y
 
 

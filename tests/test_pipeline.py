@@ -7,7 +7,7 @@ import torch
 import mlx.core as mx
 
 from mlx_sdxl import SDXLPipeline
-from mlx_sdxl.errors import SDXLError, WeightsError
+from mlx_sdxl.errors import InputError, SDXLError, WeightsError
 
 torch.set_grad_enabled(False)
 PROMPT = "a photo of a cat"
@@ -266,3 +266,31 @@ def test_mismatched_base_and_refiner_refused(tiny_sdxl):
     refiner.configs["vae"] = dict(refiner.configs["vae"], latent_channels=16)
     with pytest.raises(WeightsError, match="latent channels"):
         SDXLPipeline(base, refiner, dtype=mx.float32)
+
+
+def test_compiled_steps_match_eager(pipes, tiny_sdxl):
+    ours, _, _ = pipes
+    assert ours.compile is None and ours._step_forward(ours._model(ours.base, "unet")) is \
+        ours._model(ours.base, "unet")  # automatic: eager on the CPU backend
+    kw = dict(num_inference_steps=6, height=64, width=80, seed=5, output_type="np")
+    ref = ours(PROMPT, **kw)
+    compiled = SDXLPipeline.from_pretrained(tiny_sdxl[0], tiny_sdxl[1], dtype=mx.float32, compile=True)
+    np.testing.assert_allclose(compiled(PROMPT, **kw), ref, atol=2e-6)
+    unet = compiled._model(compiled.base, "unet")
+    assert compiled._step_forward(unet) is unet.compiled()  # made once per model
+    with pytest.raises(InputError, match="compile"):
+        SDXLPipeline.from_pretrained(tiny_sdxl[0], compile="yes")
+
+
+def test_automatic_compile_rule(pipes, monkeypatch):
+    """On a GPU the dense UNets are compiled, quantized ones are not (their peak memory would grow)."""
+    from mlx_sdxl.quantize import quantize_unet
+
+    from bench.models import TINY, build_random
+
+    ours, _, _ = pipes
+    dense = build_random("unet", TINY["refiner"]["unet"])
+    quantized = quantize_unet(build_random("unet", TINY["refiner"]["unet"]), bits=4, group_size=32)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    assert ours._step_forward(dense) is dense.compiled()
+    assert ours._step_forward(quantized) is quantized

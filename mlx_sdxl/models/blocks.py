@@ -102,8 +102,6 @@ def _geglu_from(h, g, r, p, scale):
 
 def geglu(h: mx.array, gate: mx.array) -> mx.array:
     """h * gelu(gate), exact (erf) GELU."""
-    if use_fused(gate):
-        return _geglu_fused(h, gate)
     if not use_cpu_kernels(gate):
         return h * nn.gelu(gate)
     q, r = _erf_parts(gate)
@@ -139,46 +137,14 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     return mx.concatenate([_attention_rows(q[:, :, i:i + rows], kt, v) for i in range(0, n, rows)], axis=2)
 
 
-# ----------------------------------------------------------------------------- GPU fusion
-# On a GPU each uncompiled MLX op is a pass over the activations in memory. The
-# GroupNorm (+ SiLU) and the GEGLU gate are written as compiled functions, so each
-# becomes two reductions and one fused elementwise kernel instead of transposes,
-# a layer norm, the affine and the activation as separate passes. Statistics and
-# the affine are computed in float32, as PyTorch's half-precision GroupNorm does.
-# FUSE switches this off (for measuring the difference).
-FUSE = False
-
-
-def use_fused(x: mx.array) -> bool:
-    return FUSE and mx.default_device().type == mx.gpu
-
-
-@mx.compile
-def _group_norm_fused(x, weight, bias, eps, groups, act):
-    shape = x.shape
-    xg = x.reshape(shape[0], -1, groups, shape[-1] // groups).astype(mx.float32)
-    d = xg - xg.mean(axis=(1, 3), keepdims=True)
-    y = d * mx.rsqrt(mx.square(d).mean(axis=(1, 3), keepdims=True) + eps)
-    y = y.reshape(shape) * weight.astype(mx.float32) + bias.astype(mx.float32)
-    y = y.astype(x.dtype)
-    return y * mx.sigmoid(y) if act else y
-
-
-@mx.compile
-def _geglu_fused(h, gate):
-    return h * (0.5 * gate * (1.0 + mx.erf(gate * 0.7071067811865476)))
-
-
 class GroupNorm(nn.GroupNorm):
     """PyTorch-compatible GroupNorm over NHWC (diffusers' names: weight, bias);
-    `silu=True` applies SiLU to the result, fused with it on a GPU."""
+    `silu=True` applies SiLU to the result."""
 
     def __init__(self, groups: int, channels: int, eps: float):
         super().__init__(groups, channels, eps=eps, pytorch_compatible=True)
 
     def __call__(self, x: mx.array, silu: bool = False) -> mx.array:
-        if use_fused(x):
-            return _group_norm_fused(x, self.weight, self.bias, self.eps, self.num_groups, silu)
         y = super().__call__(x)
         return _silu(y) if silu else y
 
