@@ -57,9 +57,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                      help="skip whole images whose estimate (from the stage timings) exceeds this; 0 = no limit "
                           "(default 30)")
     run.add_argument("--low-memory", action="store_true", help="whole images free each model after its stage")
-    run.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                     help="time the UNet steps through the compiled forward pass, as the pipeline runs them "
-                          "(auto: dense UNets on a GPU; default)")
+    run.add_argument("--compile", action="store_true",
+                     help="time the UNet steps through the compiled forward pass (the pipeline's compile=True)")
     run.add_argument("--compare", choices=("diffusers",),
                      help="also run the same stages in diffusers/PyTorch with the same weights and report the ratio")
     out = p.add_argument_group("output")

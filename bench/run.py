@@ -47,7 +47,7 @@ class Settings:
     compare: Optional[str] = None
     e2e_limit_minutes: float = 30.0
     low_memory: bool = False
-    compile: str = "auto"  # on, off, or auto: as the pipeline does (dense UNets on a GPU)
+    compile: bool = False
 
 
 def stats(runs: List[float]) -> dict:
@@ -145,7 +145,7 @@ class Runner:
                           [float(s.height), s.width, 0, 0] + ([s.height, s.width] if role == BASE else [6.0])),
                           (b, n_ids)))
         mx.eval(inputs)
-        compiled = s.compile == "on" or (s.compile == "auto" and mx.default_device().type == mx.gpu and not bits)
+        compiled = s.compile
         forward = model.compiled() if compiled else model
         t = mx.array(500.0)
         step = lambda: forward(inputs["sample"], t, inputs["encoder_hidden_states"],  # noqa: E731

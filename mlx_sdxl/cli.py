@@ -124,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--low-memory", dest="low_memory", action="store_true", default=None,
                    help="release each model when its stage is done; tiled VAE decode")
     p.add_argument("--dtype", choices=DTYPES, help="float16 on GPU backends, float32 on CPU (default)")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="run each UNet step as one compiled MLX graph (auto: the dense UNets on a GPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="run each UNet step as one compiled MLX graph: faster steps on a GPU after a "
+                        "one-time build (worth it for many images)")
 
     o = g.add_argument_group("output")
     o.add_argument("--output", "-o", metavar="PATH|DIR",
@@ -311,7 +312,7 @@ def cmd_generate(args) -> int:
     pipe = SDXLPipeline.from_pretrained(
         settings["model"], settings["refiner"], dtype=getattr(mx, settings["dtype"]),
         refiner_bits=settings["refiner_bits"], low_memory=bool(settings["low_memory"]), vae=settings["vae"],
-        compile={"auto": None, "on": True, "off": False}[args.compile])
+        compile=args.compile)
     progress.timings = lambda: pipe.last_timings
     what = (f"refine {source_image.width}x{source_image.height} image, strength {settings['strength']}" if refine
             else f"{settings['width']}x{settings['height']}")

@@ -55,7 +55,7 @@ def test_tiny_run_writes_json_markdown_and_chart(tmp_path, capsys):
     unet = report["results"][1]
     assert unet["latent_size"] == [8, 8] and unet["batch"] == 2 and unet["dtype"] == "float32"
     assert report["results"][3]["bits"] == 4
-    assert not any(r["compiled"] for r in report["results"][1:4])  # auto: eager on the CPU backend
+    assert not any(r["compiled"] for r in report["results"][1:4])  # op by op unless --compile
     assert all(_finite_positive(r["load_peak_memory_bytes"]) for r in report["results"] if r["stage"] != "e2e")
     assert report["results"][3]["weights_bytes"] < report["results"][2]["weights_bytes"]
     e2e = report["results"][-1]
@@ -187,7 +187,7 @@ def test_cpu_feed_forward_chunks_and_split_equal_the_plain_path(monkeypatch):
 
 def test_compiled_unet_steps(tmp_path):
     out = tmp_path / "c.json"
-    assert bench_main(TINY + ["--only", "unet", "--refiner", "none", "--compile", "on", "--json", str(out)]) == 0
+    assert bench_main(TINY + ["--only", "unet", "--refiner", "none", "--compile", "--json", str(out)]) == 0
     (rec,) = json.loads(out.read_text())["results"]
     assert rec["name"] == "unet_base" and rec["compiled"] is True
     _check_record(rec)

@@ -270,8 +270,8 @@ def test_mismatched_base_and_refiner_refused(tiny_sdxl):
 
 def test_compiled_steps_match_eager(pipes, tiny_sdxl):
     ours, _, _ = pipes
-    assert ours.compile is None and ours._step_forward(ours._model(ours.base, "unet")) is \
-        ours._model(ours.base, "unet")  # automatic: eager on the CPU backend
+    assert ours.compile is False and ours._step_forward(ours._model(ours.base, "unet")) is \
+        ours._model(ours.base, "unet")  # op by op unless asked
     kw = dict(num_inference_steps=6, height=64, width=80, seed=5, output_type="np")
     ref = ours(PROMPT, **kw)
     compiled = SDXLPipeline.from_pretrained(tiny_sdxl[0], tiny_sdxl[1], dtype=mx.float32, compile=True)
@@ -281,16 +281,3 @@ def test_compiled_steps_match_eager(pipes, tiny_sdxl):
     with pytest.raises(InputError, match="compile"):
         SDXLPipeline.from_pretrained(tiny_sdxl[0], compile="yes")
 
-
-def test_automatic_compile_rule(pipes, monkeypatch):
-    """On a GPU the dense UNets are compiled, quantized ones are not (their peak memory would grow)."""
-    from mlx_sdxl.quantize import quantize_unet
-
-    from bench.models import TINY, build_random
-
-    ours, _, _ = pipes
-    dense = build_random("unet", TINY["refiner"]["unet"])
-    quantized = quantize_unet(build_random("unet", TINY["refiner"]["unet"]), bits=4, group_size=32)
-    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
-    assert ours._step_forward(dense) is dense.compiled()
-    assert ours._step_forward(quantized) is quantized
