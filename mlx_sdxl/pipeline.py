@@ -71,6 +71,7 @@ class SDXLPipeline:
         self.compile = compile
         self.vae_source = vae or base
         self._models = {}
+        self._compiled = {}  # id(UNet) -> (UNet, its compiled forward), with compile=True
         self._lock = threading.RLock()
         self.last_timings = {}
         self._check_compatible()
@@ -173,7 +174,9 @@ class SDXLPipeline:
     def _release(self, source: ModelSource, name: str) -> None:
         with self._lock:
             fp = source.fingerprints.get(name) or f"{source.description}:{name}"
-            self._models.pop((name, fp), None)
+            model = self._models.pop((name, fp), None)
+            self._compiled.pop(id(model), None)
+            del model  # its weights are freed here, before the cache is emptied
         mx.clear_cache()
 
     @property
@@ -286,8 +289,16 @@ class SDXLPipeline:
         return x
 
     def _step_forward(self, unet):
-        """The UNet as each step calls it: compiled or not, per `compile`."""
-        return unet.compiled() if self.compile else unet
+        """The UNet as each step calls it: compiled or not, per `compile`. A compiled
+        forward is made once per loaded model and dropped with it (see _release)."""
+        if not self.compile:
+            return unet
+        with self._lock:
+            model, forward = self._compiled.get(id(unet), (None, None))
+            if model is not unet:
+                forward = unet.compiled()
+                self._compiled[id(unet)] = (unet, forward)
+            return forward
 
     def _stage_conditioning(self, stage, prompts, negative_prompt, prompt_2, negative_prompt_2, num_images,
                             clip_skip, do_cfg, ids_pos, ids_neg):

@@ -277,7 +277,10 @@ def test_compiled_steps_match_eager(pipes, tiny_sdxl):
     compiled = SDXLPipeline.from_pretrained(tiny_sdxl[0], tiny_sdxl[1], dtype=mx.float32, compile=True)
     np.testing.assert_allclose(compiled(PROMPT, **kw), ref, atol=2e-6)
     unet = compiled._model(compiled.base, "unet")
-    assert compiled._step_forward(unet) is unet.compiled()  # made once per model
+    assert compiled._step_forward(unet) is compiled._step_forward(unet)  # made once per model
+    assert id(unet) in compiled._compiled
+    compiled._release(compiled.base, "unet")
+    assert id(unet) not in compiled._compiled  # dropped with its model
     with pytest.raises(InputError, match="compile"):
         SDXLPipeline.from_pretrained(tiny_sdxl[0], compile="yes")
 
