@@ -22,9 +22,8 @@ LABELS = {
 
 def label(rec: dict) -> str:
     name = rec["name"]
-    if name.startswith("unet_refiner_q"):
-        return f"refiner UNet step, {rec.get('bits')}-bit"
-    return LABELS.get(name, name)
+    text = f"refiner UNet step, {rec.get('bits')}-bit" if name.startswith("unet_refiner_q") else LABELS.get(name, name)
+    return text + (", compiled" if rec.get("compiled") else "")
 
 
 def write_json(report: dict, path) -> None:
@@ -68,6 +67,7 @@ def markdown(report: dict) -> str:
             d = r.get("diffusers")
             row += [_s(d["seconds"]["median"]) if d else "–", f"{d['mlx_over_diffusers']:.2f}" if d else "–"]
         lines.append("| " + " | ".join(row) + " |")
+    lines += quantized_summary(report["results"])
     for s in report.get("skipped", []):
         lines.append(f"\n*{s['name']} ({s.get('dtype', '')}) skipped: {s['reason']}*")
     if compared:
@@ -75,6 +75,22 @@ def markdown(report: dict) -> str:
         lines.append(f"\nPyTorch {c.get('torch_version')} on {c.get('device')}, diffusers "
                      f"{c.get('diffusers_version')}; MLX / diffusers < 1 means MLX is faster.")
     return "\n".join(lines) + "\n"
+
+
+def quantized_summary(results: List[dict]) -> List[str]:
+    """One line per quantized refiner record: its step time and step peak against the dense
+    refiner's in the same dtype."""
+    dense = {r["dtype"]: r for r in results if r["name"] == "unet_refiner"}
+    out = []
+    for r in results:
+        d = dense.get(r["dtype"])
+        if r["stage"] != "unet" or not r.get("bits") or d is None:
+            continue
+        speed = r["seconds"]["median"] / d["seconds"]["median"]
+        memory = r["peak_memory_bytes"] / d["peak_memory_bytes"]
+        out.append(f"\n{r['bits']}-bit refiner ({r['dtype']}): step {speed:.2f}× the dense refiner's, "
+                   f"peak memory {memory:.0%} of its.")
+    return out
 
 
 def chart(report: dict, path) -> Optional[str]:

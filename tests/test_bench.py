@@ -62,6 +62,7 @@ def test_tiny_run_writes_json_markdown_and_chart(tmp_path, capsys):
     assert e2e["steps"] == 3 and {"base", "refiner", "decode"} <= set(e2e["per_stage_seconds"])
     table = md.read_text()
     assert "| base UNet step | float32 |" in table and "| whole image | float32 |" in table
+    assert "4-bit refiner (float32): step " in table and "the dense refiner's, peak memory " in table
     assert table in capsys.readouterr().out  # the table is printed too
     if importlib.util.find_spec("matplotlib") is None:
         assert not png.exists()
@@ -185,9 +186,10 @@ def test_cpu_feed_forward_chunks_and_split_equal_the_plain_path(monkeypatch):
         assert _rel(ff(x), ref) < 5e-7
 
 
-def test_compiled_unet_steps(tmp_path):
+def test_compiled_unet_steps(tmp_path, capsys):
     out = tmp_path / "c.json"
     assert bench_main(TINY + ["--only", "unet", "--refiner", "none", "--compile", "--json", str(out)]) == 0
     (rec,) = json.loads(out.read_text())["results"]
     assert rec["name"] == "unet_base" and rec["compiled"] is True
     _check_record(rec)
+    assert "| base UNet step, compiled | float32 |" in capsys.readouterr().out
