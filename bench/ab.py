@@ -28,22 +28,17 @@ from mlx_sdxl.sources import BASE, REFINER
 from mlx_sdxl.weights import parse_dtype
 
 from .machine import machine_info
-from .models import FULL, TINY, build_random
+from .models import FULL, TINY, build_random, unet_inputs
 from .run import free, param_bytes, stats
 
 NEVER = 1 << 40  # a token threshold no input reaches
 
 
 def inputs(cfg: UNetConfig, role: str, size: int, batch: int, dtype):
-    n_ids = 6 if role == BASE else 5
-    h = size // 8
-    key = mx.random.key(0)
-    pooled = cfg.projection_class_embeddings_input_dim - n_ids * cfg.addition_time_embed_dim
-    ids = [float(size), size, 0, 0] + ([size, size] if role == BASE else [6.0])
-    args = (mx.random.normal((batch, h, h, cfg.in_channels), key=key).astype(dtype), mx.array(500.0),
-            mx.random.normal((batch, 77, cfg.cross_attention_dim), key=key).astype(dtype),
-            mx.random.normal((batch, pooled), key=key).astype(dtype),
-            mx.broadcast_to(mx.array(ids), (batch, n_ids)).astype(dtype))
+    """The UNet's positional arguments, in `dtype`, with the timestep as an array."""
+    d = unet_inputs(cfg, role, size, size, batch)
+    args = (d["sample"].astype(dtype), mx.array(500.0), d["encoder_hidden_states"].astype(dtype),
+            d["text_embeds"].astype(dtype), d["time_ids"].astype(dtype))
     mx.eval(args)
     return args
 

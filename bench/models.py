@@ -94,6 +94,22 @@ def build_random(name: str, config: dict, dtype=None, seed: int = 0):
     return model
 
 
+def unet_inputs(cfg: UNetConfig, role: str, height: int, width: int, batch: int, vae_factor: int = 8) -> dict:
+    """Random UNet inputs for a `height`×`width` image (keyword names of the UNet's call),
+    with the role's time ids: original size, crop, then target size (base) or aesthetic score."""
+    n_ids = 6 if role == BASE else 5
+    pooled = cfg.projection_class_embeddings_input_dim - n_ids * cfg.addition_time_embed_dim
+    key = mx.random.key(0)
+    ids = [float(height), width, 0, 0] + ([height, width] if role == BASE else [6.0])
+    latent = (batch, height // vae_factor, width // vae_factor, cfg.in_channels)
+    inputs = dict(sample=mx.random.normal(latent, key=key),
+                  encoder_hidden_states=mx.random.normal((batch, 77, cfg.cross_attention_dim), key=key),
+                  text_embeds=mx.random.normal((batch, pooled), key=key),
+                  time_ids=mx.broadcast_to(mx.array(ids), (batch, n_ids)))
+    mx.eval(inputs)
+    return inputs
+
+
 def random_source(role: str, tiny: bool = False) -> ModelSource:
     configs = (TINY if tiny else FULL)[role]
     seeds = {"unet": 1 if role == BASE else 2, "vae": 3, "text_encoder": 4, "text_encoder_2": 5}

@@ -26,6 +26,7 @@ from mlx_sdxl.tokenizer import tokenize
 from mlx_sdxl.weights import parse_dtype
 
 from . import flops
+from .models import unet_inputs
 
 STAGES = ("unet", "vae", "text", "e2e")
 PROMPT = "a photograph of an astronaut riding a horse on mars, detailed, 35mm"
@@ -136,15 +137,7 @@ class Runner:
         h, w, b = s.height // f, s.width // f, s.batch
         model, load = self._load(source, "unet", dtype, bits)
         n_ids = 6 if role == BASE else 5
-        pooled = cfg.projection_class_embeddings_input_dim - n_ids * cfg.addition_time_embed_dim
-        key = mx.random.key(0)
-        inputs = dict(sample=mx.random.normal((b, h, w, cfg.in_channels), key=key),
-                      encoder_hidden_states=mx.random.normal((b, 77, cfg.cross_attention_dim), key=key),
-                      text_embeds=mx.random.normal((b, pooled), key=key),
-                      time_ids=mx.broadcast_to(mx.array(  # original size, crop, target size or aesthetic score
-                          [float(s.height), s.width, 0, 0] + ([s.height, s.width] if role == BASE else [6.0])),
-                          (b, n_ids)))
-        mx.eval(inputs)
+        inputs = unet_inputs(cfg, role, s.height, s.width, b, f)
         compiled = s.compile
         forward = model.compiled() if compiled else model
         t = mx.array(500.0)
