@@ -193,3 +193,62 @@ def test_compiled_unet_steps(tmp_path, capsys):
     assert rec["name"] == "unet_base" and rec["compiled"] is True
     _check_record(rec)
     assert "| base UNet step, compiled | float32 |" in capsys.readouterr().out
+
+
+def test_ab_profile_and_components_tools(tmp_path, capsys):
+    """The GPU investigation tools run end to end at tiny sizes and write their JSON."""
+    from bench import ab, components, profile
+
+    out = tmp_path / "ab.json"
+    assert ab.main(["--tiny", "--size", "64", "--dtype", "float32", "--repeats", "1", "--warmup", "1",
+                    "--models", "base,refiner_q", "--thresholds", "0", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["model"], r["variant"]) for r in rows} >= {("base", "eager"), ("base", "compiled"),
+                                                          ("refiner_q4", "eager"), ("refiner_q4", "dense_tokens=0")}
+    assert all(r["seconds"]["median"] > 0 and r["peak_memory_bytes"] > 0 for r in rows)
+
+    out = tmp_path / "profile.json"
+    with pytest.raises(SystemExit):  # --kernels: one MLX configuration per process
+        profile.main(["--tiny", "--kernels", "--models", "base", "--json", str(out)])
+    assert profile.main(["--tiny", "--size", "64", "--models", "base", "--dtype", "float32", "--repeats", "1",
+                         "--warmup", "1", "--torch", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["impl"] for r in res["results"]] == ["mlx eager", "mlx compiled", "diffusers eager"]
+    for r in res["results"]:
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("step_s", "pipelined_s"))
+    assert res["results"][0]["build_s"] > 0
+    # no CUDA here: --kernels says so and times without the kernel table
+    assert profile.main(["--tiny", "--size", "64", "--models", "base", "--variants", "eager", "--dtype", "float32",
+                         "--repeats", "1", "--warmup", "1", "--kernels", "--json", str(out)]) == 0
+    assert "needs a CUDA build" in capsys.readouterr().err
+    assert "kernels" not in json.loads(out.read_text())["results"][0]
+    assert "mlx_environment" in res["machine"]
+
+    out = tmp_path / "components.json"
+    assert components.main(["--dtype", "float32", "--models", "refiner", "--scale", "16", "--chain", "1",
+                            "--repeats", "1", "--kinds", "groupnorm_silu,self_attention,linear",
+                            "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["kind"] for r in rows} == {"groupnorm_silu", "self_attention", "linear"}
+    assert all(r["mlx_eager_s"] > 0 and r["mlx_compiled_s"] > 0 and r["torch_s"] > 0 for r in rows)
+    assert all(r["flops"] > 0 for r in rows if r["kind"] != "groupnorm_silu")
+
+
+def test_kernel_families():
+    from bench.profile import family
+
+    assert family("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob") == "attention"
+    assert family("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc") == "convolution"
+    assert family("nvjet_sm90_hsh_256x128_64x4_1x2_h_bz_coopA_bias_TNT") == "gemm"
+    assert family("void mlx::core::cu::layer_norm<__half, 256, 8>") == "normalisation"
+    assert family("void mlx::core::cu::col_reduce_looped<float, float>") == "reduction"
+    assert family("void mlx::core::cu::binary_vv<mlx::core::cu::Add, __half>") == "elementwise"
+
+
+def test_cuda_runs_say_whether_cuda_graphs_were_on():
+    info = {"backend": "cuda", "chip": "NVIDIA H200", "mlx_version": "0.32.4"}
+    assert "CUDA graphs off" in machine.describe({**info, "mlx_environment": {"MLX_USE_CUDA_GRAPHS": "0"}})
+    assert "CUDA graphs on" in machine.describe({**info, "mlx_environment": {}})
+    assert "CUDA graphs on (MLX_MAX_OPS_PER_BUFFER=10)" in machine.describe(
+        {**info, "mlx_environment": {"MLX_USE_CUDA_GRAPHS": "1", "MLX_MAX_OPS_PER_BUFFER": "10"}})
+    assert "CUDA graphs" not in machine.describe({"backend": "cpu", "cpu": "x", "mlx_environment": {}})
