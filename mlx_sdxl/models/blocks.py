@@ -100,10 +100,15 @@ def _geglu_from(h, g, r, p, scale):
     return 0.5 * h * (g + mx.abs(g) * (1.0 - r * p * scale))
 
 
+@mx.compile
+def _geglu_fused(h, gate):  # one kernel, also in eager mode (the halves are strided views)
+    return h * nn.gelu(gate)
+
+
 def geglu(h: mx.array, gate: mx.array) -> mx.array:
     """h * gelu(gate), exact (erf) GELU."""
     if not use_cpu_kernels(gate):
-        return h * nn.gelu(gate)
+        return _geglu_fused(h, gate)
     q, r = _erf_parts(gate)
     return _geglu_from(h, gate, r, *_exp(q))
 
