@@ -123,6 +123,7 @@ def openblas_hint() -> str:
 
 def machine_info(measure_blas: bool = True) -> dict:
     import mlx_sdxl
+    from mlx_sdxl.runtime import mlx_environment
 
     device = {}
     try:
@@ -142,6 +143,7 @@ def machine_info(measure_blas: bool = True) -> dict:
         "mlx_version": mx.__version__,
         "mlx_sdxl_version": getattr(mlx_sdxl, "__version__", None),
         "blas": blas_info(measure_blas) if kind == "cpu" else {"library": "n/a (GPU backend)"},
+        "mlx_environment": mlx_environment(),
     }
     return info
 
@@ -154,6 +156,11 @@ def describe(info: dict) -> str:
              f"{mem / 2 ** 30:.0f} GiB RAM" if mem else None,
              info.get("os"), f"Python {info.get('python')}",
              f"MLX {info.get('mlx_version')} ({info.get('backend')})"]
+    if info.get("backend") == "cuda":
+        env = info.get("mlx_environment") or {}
+        graphs = env.get("MLX_USE_CUDA_GRAPHS", "1") != "0"
+        parts.append("CUDA graphs " + (f"on (MLX_MAX_OPS_PER_BUFFER={env['MLX_MAX_OPS_PER_BUFFER']})"
+                                       if graphs and "MLX_MAX_OPS_PER_BUFFER" in env else "on" if graphs else "off"))
     blas = info.get("blas") or {}
     if info.get("backend") == "cpu":
         rate = blas.get("matmul_gflops")

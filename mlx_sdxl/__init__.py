@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from .runtime import apply_cuda_defaults  # noqa: E402
+
+apply_cuda_defaults()  # before any GPU work: see runtime.py
+
 from .errors import ConfigError, InputError, SDXLError, WeightsError  # noqa: E402
 from .models.clip import load_text_encoder  # noqa: E402
 from .models.unet import load_unet  # noqa: E402
