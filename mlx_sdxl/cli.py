@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="release each model when its stage is done; tiled VAE decode")
     p.add_argument("--dtype", choices=DTYPES, help="float16 on GPU backends, float32 on CPU (default)")
     p.add_argument("--compile", action="store_true",
-                   help="run each UNet step as one compiled MLX graph (7-10%% faster steps on an H100 "
+                   help="run each UNet step as one compiled MLX graph (2-5%% faster steps on an H200 "
                         "after a one-time kernel build; slower on the CPU backend)")
 
     o = g.add_argument_group("output")

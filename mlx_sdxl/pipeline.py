@@ -96,11 +96,11 @@ class SDXLPipeline:
         64 or 128) quantize those models as they load; pre-quantized converted
         folders need no flag.
 
-        `compile=True` runs each UNet step as one compiled MLX graph. On an H100
-        (MLX CUDA) that made steps 7-10% faster; the first run there spent about 12 s
-        building kernels, which MLX kept for later processes. It raises a quantized
-        UNet's peak memory (2.5 → 3.4 GiB for the 4-bit refiner there), and on the
-        CPU backend it was slower. It has not been measured on a Mac.
+        `compile=True` runs each UNet step as one compiled MLX graph. On an H200
+        (MLX CUDA) that made steps 2-5% faster; a first run on a fresh machine spent
+        up to 35 s building kernels, which MLX kept for later processes. With CUDA
+        graphs kept it raised the 4-bit refiner's peak memory (H100: 2.5 → 3.4 GiB),
+        and on the CPU backend it was slower. It has not been measured on a Mac.
         """
         from pathlib import Path
 
