@@ -2,11 +2,11 @@
 # The standard set of GPU measurements, sized for one short lease (about 6 minutes on an H200 once
 # MLX's kernels are built): fp16 UNet steps compiled and eager against diffusers/PyTorch in the same
 # process (with the 4-bit refiner), VAE decode, text encoding and whole images, the one-process A/B
-# with CUDA graphs kept (MLX_USE_CUDA_GRAPHS=1: lower peak memory), the building blocks at their real
-# shapes (bench.components), and kernel time by family for one MLX configuration and diffusers
-# (bench.profile). Results go to $1 (default: bench/results/gpu): six JSON files and one log (a lent
-# machine returns at most eight files; the Markdown tables can be made again from the JSON with
-# bench.report.markdown).
+# with CUDA graphs kept (MLX_USE_CUDA_GRAPHS=1: lower peak memory), the building blocks at their
+# real shapes (bench.components), and kernel time by family for the refiner (with diffusers') and
+# the 4-bit refiner (bench.profile). Results go to $1 (default: bench/results/gpu): seven JSON files
+# and one log (a lent machine returns at most eight files; the Markdown tables can be made again
+# from the JSON with bench.report.markdown).
 #
 # On the lent machine, after the two install steps of shared/device/README.md
 # (export PYTHONPATH=/tmp/site:$PWD):
@@ -42,4 +42,6 @@ run 60 components python3 -m bench.components --dtype float16 --json "$out/compo
     $([ "${TINY:-0}" = 1 ] && echo --scale 16 --chain 2 --repeats 2)
 run 40 profile python3 -m bench.profile --size "$size" --models refiner --variants compiled --repeats 5 \
     --warmup 2 --kernels --torch --json "$out/profile.json" $tiny
+run 40 profile_q4 python3 -m bench.profile --size "$size" --models refiner_q4 --variants compiled --repeats 5 \
+    --warmup 2 --kernels --json "$out/profile_q4.json" $tiny
 ls -l "$out"

@@ -28,6 +28,7 @@ from typing import Callable, Dict, List
 
 import mlx.core as mx
 
+from mlx_sdxl import quantize
 from mlx_sdxl.models.unet import UNetConfig
 from mlx_sdxl.sources import BASE, REFINER
 from mlx_sdxl.weights import parse_dtype
@@ -180,7 +181,8 @@ def profile_torch(config: dict, role: str, size: int, batch: int, dtype_name: st
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="base,refiner")
+    ap.add_argument("--models", default="base,refiner",
+                    help="comma-separated: base, refiner, refiner_q4 (or another bit width: refiner_q8, ...)")
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=2)
@@ -194,6 +196,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     dtype = parse_dtype(a.dtype)
     out: Dict[str, object] = {"machine": machine_info(measure_blas=False), "settings": vars(a), "results": []}
+    known = {"base", "refiner"} | {f"refiner_q{b}" for b in quantize.BITS}
+    unknown = [m for m in a.models.split(",") if m not in known]
+    if unknown:
+        ap.error(f"unknown model(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known))}")
     if a.kernels and (len(a.models.split(",")) > 1 or len(a.variants.split(",")) > 1):
         # On an H200, MLX GPU work after a profiling session in the same process hung once and
         # ended the process once: one MLX configuration per process (diffusers' may follow).
@@ -223,13 +229,17 @@ def main(argv=None) -> int:
         args = (d["sample"].astype(dtype), mx.array(500.0), d["encoder_hidden_states"].astype(dtype),
                 d["text_embeds"].astype(dtype), d["time_ids"].astype(dtype))
         model = build_random("unet", config, dtype, seed=1)
+        bits = int(name[len("refiner_q"):]) if name.startswith("refiner_q") else None
+        if bits is not None:  # e.g. refiner_q4: the refiner quantized to 4 bits, convs included
+            model = quantize.quantize_unet(model, bits=bits)
+            free()
         for variant in a.variants.split(","):
             row = profile_mlx(model, args, variant, a.repeats, a.warmup, a.kernels)
             save({"model": name, "impl": f"mlx {variant}", **row})
         torch_config = _unet_config(model)
         model = None
         free()
-        if a.torch:
+        if a.torch and bits is None:
             row = profile_torch(torch_config, role, a.size, a.batch, a.dtype, a.repeats, a.warmup, a.kernels)
             save({"model": name, "impl": "diffusers eager", **row})
     print(f"wrote {a.json}", file=sys.stderr)

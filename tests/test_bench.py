@@ -217,6 +217,12 @@ def test_ab_profile_and_components_tools(tmp_path, capsys):
     for r in res["results"]:
         assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("step_s", "pipelined_s"))
     assert res["results"][0]["build_s"] > 0
+    with pytest.raises(SystemExit):
+        profile.main(["--tiny", "--models", "refiner_q7", "--json", str(out)])
+    assert profile.main(["--tiny", "--size", "64", "--models", "refiner_q4", "--variants", "eager", "--dtype",
+                         "float32", "--repeats", "1", "--warmup", "1", "--torch", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]  # no diffusers row for a quantized UNet
+    assert row["model"] == "refiner_q4" and row["step_s"] > 0
     # no CUDA here: --kernels says so and times without the kernel table
     assert profile.main(["--tiny", "--size", "64", "--models", "base", "--variants", "eager", "--dtype", "float32",
                          "--repeats", "1", "--warmup", "1", "--kernels", "--json", str(out)]) == 0
