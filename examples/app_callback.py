@@ -8,7 +8,9 @@ latent previews, and a Cancel button.
 The first job is cancelled after --cancel-after base steps (the pipeline
 returns None, no exception); the second runs to the end on the same pipeline.
 The UI side here is the main thread printing events from a queue; in a real
-app it would update a progress bar and an image view instead.
+app it would update a progress bar and an image view instead. Each finished
+job's thread is joined: a thread still inside MLX when Python exits can abort
+the process ("terminate called without an active exception").
 """
 
 import argparse
@@ -66,9 +68,10 @@ def follow(job, cancel_after=None):
             if cancel_after is not None and step >= cancel_after and not job.cancelled.is_set():
                 print("  -> cancel")
                 job.cancel()
-        elif event[0] == "error":
-            raise event[1]
-        else:
+        else:  # the job is over: let its thread finish before going on (or exiting)
+            job.thread.join()
+            if event[0] == "error":
+                raise event[1]
             return event[1], preview
 
 
