@@ -1,7 +1,7 @@
 """Process-wide settings of MLX's backends that mlx_sdxl chooses by default.
 
 MLX's CUDA backend records kernels into CUDA graphs of up to 100 operations (on Hopper GPUs)
-before launching them. For SDXL's UNets, whose steps are some 1,500 mostly short kernels, the
+before launching them. For SDXL's UNets, whose steps are 1,400-2,200 mostly short kernels, the
 recording costs more CPU time than the GPU spends computing, and the GPU waits. Launching the
 kernels directly (MLX_USE_CUDA_GRAPHS=0) measured, on an H200 with MLX 0.32.4, fp16, 1024×1024,
 batch 2 (bench/measured/h200-2026-11-26):

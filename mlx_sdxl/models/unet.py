@@ -505,9 +505,10 @@ class UNet2DConditionModel(nn.Module):
         """This forward pass as one compiled MLX function, f(sample, timestep, context,
         text_embeds, time_ids): elementwise work fuses across layers (H200, fp16,
         1024², batch 2: base step 45.3 vs 46.1 ms eager, refiner 43.9 vs 46.1 ms).
-        It traces once per input shape; a float timestep is passed on as an array, so new timestep values
-        reuse the trace. Keep the returned function for as long as it is used (the
-        model does not hold it, so dropping both frees the weights at once)."""
+        It traces once per input shape; a float timestep is passed on as an array,
+        so new timestep values reuse the trace. Keep the returned function for as
+        long as it is used (the model does not hold it, so dropping both frees the
+        weights at once)."""
         @partial(mx.compile, inputs=self.state)
         def forward(sample, timestep, context, text_embeds, time_ids):
             return self(sample, timestep, context, text_embeds=text_embeds, time_ids=time_ids)
