@@ -3,6 +3,9 @@ full-size weights and inputs, so that the differences are the variants' alone:
 
 - `eager`: the model called op by op;
 - `compiled`: the whole forward pass through `UNet2DConditionModel.compiled()`;
+- `eager_kv`, `compiled_kv`: the same with the text context's cross-attention keys
+  and values made once beforehand (`cross_attention_kv`), as the sampler runs its steps;
+  the plain variants make them in every call;
 - for the quantized refiner, also the token threshold at which QLinear switches from
   `quantized_matmul` to dequantize + dense GEMM (0 = always dense, huge = never),
   and linear-only quantization.
@@ -32,6 +35,7 @@ from .models import FULL, TINY, build_random, unet_inputs
 from .run import free, param_bytes, stats
 
 NEVER = 1 << 40  # a token threshold no input reaches
+VARIANTS = ("eager", "compiled", "eager_kv", "compiled_kv")
 
 
 def inputs(cfg: UNetConfig, role: str, size: int, batch: int, dtype):
@@ -67,7 +71,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--models", default="base,refiner,refiner_q", help="comma-separated: base, refiner, refiner_q")
-    p.add_argument("--variants", default="eager,compiled", help="comma-separated: eager, compiled")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated: eager, compiled, eager_kv, compiled_kv")
     p.add_argument("--thresholds", default="",
                    help="quantized refiner: QLinear token thresholds to try, e.g. 0,77,1024,never")
     p.add_argument("--tiny", action="store_true", help="tiny random models (a smoke test)")
@@ -89,11 +94,16 @@ def main(argv=None) -> int:
 
     chosen = a.variants.split(",")
 
-    def variants(name: str, model, args, which=("eager", "compiled")) -> None:
+    def variants(name: str, model, args, which=VARIANTS) -> None:
         for variant in (v for v in which if v in chosen):
-            fn = model.compiled() if variant == "compiled" else \
-                (lambda x, t, c, te, ids: model(x, t, c, text_embeds=te, time_ids=ids))
+            forward = model.compiled() if variant.startswith("compiled") else model
+            kv = None
+            if variant.endswith("_kv"):
+                kv = model.cross_attention_kv(args[2])
+                mx.eval(kv)
+            fn = lambda x, t, c, te, ids: forward(x, t, c, text_embeds=te, time_ids=ids, cross_kv=kv)  # noqa: E731
             record(name, variant, measure(fn, args, a.repeats, a.warmup), model)
+            kv = None
 
     for name in a.models.split(","):
         role = BASE if name == "base" else REFINER
@@ -108,7 +118,7 @@ def main(argv=None) -> int:
                 q = quantize.quantize_unet(build_random("unet", config, dtype, seed=1), bits=a.bits, convs=convs)
                 free()
                 label = f"q{a.bits}" + ("" if convs else "_linear_only")
-                variants(f"refiner_{label}", q, args, ("eager", "compiled") if convs else ("eager",))
+                variants(f"refiner_{label}", q, args, VARIANTS if convs else ("eager", "eager_kv"))
                 if convs:
                     key = "gpu" if mx.default_device().type == mx.gpu else "cpu"
                     default = quantize.DENSE_TOKENS[key]

@@ -73,15 +73,19 @@ def count_flops(fn: Callable, *args, **kwargs) -> int:
     return total[0]
 
 
-def unet_flops(config, height: int, width: int, batch: int = 1, n_ids: int = 6, tokens: int = 77) -> int:
-    """One UNet forward at latents height × width (pixels / 8); n_ids: 6 time ids (base) or 5 (refiner)."""
+def unet_flops(config, height: int, width: int, batch: int = 1, n_ids: int = 6, tokens: int = 77,
+               cross_kv_made: bool = True) -> int:
+    """One UNet forward at latents height × width (pixels / 8); n_ids: 6 time ids (base) or 5 (refiner).
+    `cross_kv_made=False`: a sampler's step, whose cross-attention keys and values were made beforehand
+    (once per stage) and are not counted."""
     from mlx_sdxl.models.unet import UNet2DConditionModel
 
     model = UNet2DConditionModel(config)
     pooled = config.projection_class_embeddings_input_dim - n_ids * config.addition_time_embed_dim
-    return count_flops(model, mx.zeros((batch, height, width, config.in_channels)), 500.0,
-                       mx.zeros((batch, tokens, config.cross_attention_dim)),
-                       text_embeds=mx.zeros((batch, pooled)), time_ids=mx.zeros((batch, n_ids)))
+    context = mx.zeros((batch, tokens, config.cross_attention_dim))
+    cross_kv = None if cross_kv_made else model.cross_attention_kv(context)
+    return count_flops(model, mx.zeros((batch, height, width, config.in_channels)), 500.0, context,
+                       text_embeds=mx.zeros((batch, pooled)), time_ids=mx.zeros((batch, n_ids)), cross_kv=cross_kv)
 
 
 def vae_decode_flops(config, height: int, width: int, batch: int = 1) -> int:

@@ -3,7 +3,8 @@ in kernels, by kernel family, for MLX and for diffusers/PyTorch in the same proc
 
     python -m bench.profile --models base,refiner --dtype float16 --json profile.json
 
-For each MLX variant (eager or compiled forward) it records:
+For each MLX variant (eager or compiled forward; both with the prompt's cross-attention keys
+and values made beforehand, as the sampler makes them once per stage) it records:
 - `step_s`: one forward evaluated on its own (what `bench` reports per step);
 - `build_s`: the Python time to build the lazy graph, before any evaluation;
 - `pipelined_s`: per step, when each step's graph is built while the previous one runs
@@ -105,8 +106,10 @@ def median_time(fn: Callable[[], None], repeats: int) -> float:
 
 
 def profile_mlx(model, args, variant: str, repeats: int, warmup: int, kernels: bool) -> dict:
-    fn = model.compiled() if variant == "compiled" else \
-        (lambda x, t, c, te, ids: model(x, t, c, text_embeds=te, time_ids=ids))
+    forward = model.compiled() if variant == "compiled" else model
+    cross_kv = model.cross_attention_kv(args[2])  # made once per stage, as the sampler does
+    mx.eval(cross_kv)
+    fn = lambda x, t, c, te, ids: forward(x, t, c, text_embeds=te, time_ids=ids, cross_kv=cross_kv)  # noqa: E731
     for _ in range(warmup):
         mx.eval(fn(*args))
     res: Dict[str, object] = {"step_s": median_time(lambda: mx.eval(fn(*args)), repeats)}

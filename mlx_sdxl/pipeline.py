@@ -262,17 +262,19 @@ class SDXLPipeline:
         """Run the scheduler steps `indices` with one mx.eval per step."""
         embeds, pooled, time_ids = cond
         do_cfg = guidance_scale > 1
-        unet = self._step_forward(unet)
         steps = list(indices)
         keys = mx.random.split(key, max(len(steps), 1))
         t0 = time.perf_counter()
         mx.reset_peak_memory()
+        cross_kv = unet.cross_attention_kv(embeds)  # the prompt's keys and values, once per stage
+        mx.eval(cross_kv)
+        unet = self._step_forward(unet)
         for n, i in enumerate(steps):
             t = float(sched.timesteps[i])
             xin = sched.scale_model_input(x, i)
             if do_cfg:
                 xin = mx.concatenate([xin, xin], axis=0)
-            eps = unet(xin, t, embeds, text_embeds=pooled, time_ids=time_ids)
+            eps = unet(xin, t, embeds, text_embeds=pooled, time_ids=time_ids, cross_kv=cross_kv)
             if do_cfg:
                 eps = guide(eps, guidance_scale, guidance_rescale)
             x = sched.step(eps, i, x, key=keys[n])

@@ -117,6 +117,10 @@ def test_flop_counts_match_the_reference_numbers():
     assert unet_flops(base, 128, 128) / 1e12 == pytest.approx(6.761, abs=1e-3)
     assert unet_flops(refiner, 128, 128, n_ids=5) / 1e12 == pytest.approx(7.286, abs=1e-3)
     assert unet_flops(base, 64, 64, batch=2) == 2 * unet_flops(base, 64, 64)
+    # a sampler's step leaves out the text context's K/V projections, made once per stage:
+    # 2 (K, V) × 2 FLOPs × 77 tokens × 2048 → 640 (10 layers) and → 1280 (60 layers)
+    kv = 2 * 2 * 77 * 2048 * (10 * 640 + 60 * 1280)
+    assert unet_flops(base, 128, 128) - unet_flops(base, 128, 128, cross_kv_made=False) == kv
     assert vae_decode_flops(VAEConfig.sdxl(), 128, 128) / 1e12 == pytest.approx(10.47, abs=0.01)
     big_g = CLIPTextConfig(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120,
                            hidden_act="gelu", projection_dim=1280, with_projection=True)

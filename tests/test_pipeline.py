@@ -284,3 +284,23 @@ def test_compiled_steps_match_eager(pipes, tiny_sdxl):
     with pytest.raises(InputError, match="compile"):
         SDXLPipeline.from_pretrained(tiny_sdxl[0], compile="yes")
 
+
+
+def test_cross_attention_keys_and_values_made_once_per_stage(pipes, monkeypatch):
+    """The text context's keys and values are projected once per stage, not in every step."""
+    from mlx_sdxl.models.blocks import Attention
+
+    ours, _, _ = pipes
+    calls = []
+    real_kv = Attention.kv
+
+    def counted(self, context):
+        calls.append(id(self))
+        return real_kv(self, context)
+
+    monkeypatch.setattr(Attention, "kv", counted)
+    ours(PROMPT, num_inference_steps=10, height=64, width=64, seed=0, output_type="np")
+    for source, steps in ((ours.base, 8), (ours.refiner, 2)):
+        blocks = ours._model(source, "unet").transformer_blocks()
+        assert blocks and all(calls.count(id(b.attn2)) == 1 for b in blocks)  # cross-attention: once
+        assert all(calls.count(id(b.attn1)) == steps for b in blocks)  # self-attention: every step

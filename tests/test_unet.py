@@ -286,3 +286,53 @@ def test_compiled_forward_matches_diffusers(base):
         assert rel_l2(np.array(out), ref) <= 1e-4
     with pytest.raises(InputError):
         ours(mx.zeros((1, 16, 16, 3)), 1.0, mx.zeros((1, 7, 32)), mx.zeros((1, POOLED)), mx.zeros((1, 6)))
+
+
+def test_cross_kv_made_once_gives_the_same_steps_as_diffusers(base):
+    """A sampler makes the prompt's cross-attention keys and values once per stage
+    (`cross_attention_kv`) and passes them to every step: eager and compiled, batch 2,
+    non-square latents, several timesteps, against diffusers and bit-equal to the
+    forward that makes them itself."""
+    model, path = base
+    ours = load_unet(path)
+    compiled = ours.compiled()
+    inp = make_inputs(BASE, 2, 12, 8, 6, seed=8)
+    m = {k: mx.array(v.numpy()) for k, v in inp.items()}
+    x = mx.array(inp["sample"].permute(0, 2, 3, 1).numpy())
+    kv = ours.cross_attention_kv(m["context"])
+    blocks = ours.transformer_blocks()
+    assert len(kv) == len(blocks) and [b.kv_slot for b in blocks] == list(range(len(blocks)))
+    for (k, v), block in zip(kv, blocks):  # (batch, heads, tokens, head dim) per layer
+        assert k.shape == v.shape == (2, block.attn2.heads, 7, block.attn2.to_k.weight.shape[0] // block.attn2.heads)
+    for t in (999.0, 500.0, 1.0):
+        ref = torch_forward(model, inp, t)
+        plain = ours(x, t, m["context"], text_embeds=m["text_embeds"], time_ids=m["time_ids"])
+        for forward in (ours, compiled):
+            out = forward(x, t, m["context"], text_embeds=m["text_embeds"], time_ids=m["time_ids"], cross_kv=kv)
+            assert rel_l2(np.array(out), ref) <= 1e-4
+            assert mx.array_equal(out, plain)
+
+
+def test_cross_kv_of_another_context_is_refused(base):
+    _, path = base
+    model = load_unet(path)
+    x, ctx = mx.zeros((2, 8, 8, 4)), mx.zeros((2, 7, 32))
+    pooled, ids = mx.zeros((2, POOLED)), mx.zeros((2, 6))
+    kv = model.cross_attention_kv(ctx)
+    n = len(kv)
+    for bad, match in ((kv[:-1], f"{n} \\(key, value\\) pairs; got {n - 1}"),
+                       (model.cross_attention_kv(mx.zeros((1, 7, 32))), "another shape"),
+                       (model.cross_attention_kv(mx.zeros((2, 9, 32))), "another shape")):
+        for forward in (model, model.compiled()):
+            with pytest.raises(InputError, match=match):
+                forward(x, 1.0, ctx, text_embeds=pooled, time_ids=ids, cross_kv=bad)
+    with pytest.raises(InputError, match="encoder_hidden_states must have shape"):
+        model.cross_attention_kv(mx.zeros((2, 7, 16)))
+
+
+def test_full_size_transformer_blocks_and_their_slots():
+    """70 transformer blocks in the base (10 at 640 channels, 60 at 1280), 44 in the refiner; one kv slot each."""
+    for cfg, count in ((UNetConfig.sdxl_base(), 70), (UNetConfig.sdxl_refiner(), 44)):
+        model = UNet2DConditionModel(cfg)  # lazy: nothing is allocated
+        blocks = model.transformer_blocks()
+        assert len(blocks) == count and sorted(b.kv_slot for b in blocks) == list(range(count))

@@ -236,12 +236,18 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(kv_dim, inner, bias=bias)
         self.to_out = [nn.Linear(inner, query_dim)]
 
-    def __call__(self, x: mx.array, context: Optional[mx.array] = None) -> mx.array:
-        context = x if context is None else context
-        b, n, _ = x.shape
-        m = context.shape[1]
-        q = self.to_q(x).reshape(b, n, self.heads, -1).transpose(0, 2, 1, 3)
+    def kv(self, context: mx.array) -> Tuple[mx.array, mx.array]:
+        """Keys and values of `context` (B, tokens, dim), split into heads: (B, heads, tokens, dim_head)."""
+        b, m, _ = context.shape
         k = self.to_k(context).reshape(b, m, self.heads, -1).transpose(0, 2, 1, 3)
         v = self.to_v(context).reshape(b, m, self.heads, -1).transpose(0, 2, 1, 3)
+        return k, v
+
+    def __call__(self, x: mx.array, context: Optional[mx.array] = None,
+                 kv: Optional[Tuple[mx.array, mx.array]] = None) -> mx.array:
+        """Attention of `x` to `context` (default: itself), or to precomputed `kv = self.kv(context)`."""
+        b, n, _ = x.shape
+        q = self.to_q(x).reshape(b, n, self.heads, -1).transpose(0, 2, 1, 3)
+        k, v = kv if kv is not None else self.kv(x if context is None else context)
         o = attention(q, k, v, self.scale)
         return self.to_out[0](o.transpose(0, 2, 1, 3).reshape(b, n, -1))

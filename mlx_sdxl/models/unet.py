@@ -13,9 +13,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -311,10 +310,11 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = Attention(dim, heads, dim // heads, cross_attention_dim=context_dim)
         self.norm3 = nn.LayerNorm(dim, eps=1e-5)
         self.ff = FeedForward(dim)
+        self.kv_slot = 0  # this block's entry in the UNet's cross_kv list (set by the UNet)
 
-    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, cross_kv: Sequence[Tuple[mx.array, mx.array]]) -> mx.array:
         x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.attn2(self.norm2(x), kv=cross_kv[self.kv_slot])
         return x + self.ff(self.norm3(x))
 
 
@@ -328,11 +328,11 @@ class Transformer2DModel(nn.Module):
         self.transformer_blocks = [BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)]
         self.proj_out = nn.Linear(channels, channels)
 
-    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, cross_kv) -> mx.array:
         b, h, w, c = x.shape
         y = self.proj_in(self.norm(x).reshape(b, h * w, c))
         for block in self.transformer_blocks:
-            y = block(y, context)
+            y = block(y, cross_kv)
         return x + self.proj_out(y).reshape(b, h, w, c)
 
 
@@ -349,13 +349,13 @@ class DownBlock(nn.Module):
         if add_downsample:
             self.downsamplers = [Downsample2D(cout, padding=cfg.downsample_padding)]
 
-    def __call__(self, x, temb, context):
+    def __call__(self, x, temb, cross_kv):
         skips = []
         attns = self.get("attentions") or [None] * len(self.resnets)
         for resnet, attn in zip(self.resnets, attns):
             x = resnet(x, temb)
             if attn is not None:
-                x = attn(x, context)
+                x = attn(x, cross_kv)
             skips.append(x)
         if "downsamplers" in self:
             x = self.downsamplers[0](x)
@@ -377,12 +377,12 @@ class UpBlock(nn.Module):
         if add_upsample:
             self.upsamplers = [Upsample2D(cout)]
 
-    def __call__(self, x, skips, temb, context, size=None):
+    def __call__(self, x, skips, temb, cross_kv, size=None):
         attns = self.get("attentions") or [None] * len(self.resnets)
         for resnet, attn in zip(self.resnets, attns):
             x = resnet(mx.concatenate([x, skips.pop()], axis=-1), temb)
             if attn is not None:
-                x = attn(x, context)
+                x = attn(x, cross_kv)
         if "upsamplers" in self:
             x = self.upsamplers[0](x, size)
         return x
@@ -397,9 +397,9 @@ class MidBlock(nn.Module):
         self.resnets = [ResnetBlock2D(channels, channels, temb, g, eps) for _ in range(2)]
         self.attentions = [Transformer2DModel(channels, heads, depth, context_dim, g)]
 
-    def __call__(self, x, temb, context):
+    def __call__(self, x, temb, cross_kv):
         x = self.resnets[0](x, temb)
-        x = self.attentions[0](x, context)
+        x = self.attentions[0](x, cross_kv)
         return self.resnets[1](x, temb)
 
 
@@ -443,12 +443,32 @@ class UNet2DConditionModel(nn.Module):
 
         self.conv_norm_out = group_norm(ch[0], cfg.norm_eps, cfg.norm_num_groups)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, cfg.conv_out_kernel, padding=cfg.conv_out_kernel // 2)
+        for slot, block in enumerate(self.transformer_blocks()):
+            block.kv_slot = slot
+
+    def transformer_blocks(self) -> List[BasicTransformerBlock]:
+        """Every transformer block, in the order of the forward pass."""
+        levels = self.down_blocks + [self.mid_block] + self.up_blocks
+        return [b for level in levels for t in level.get("attentions", []) for b in t.transformer_blocks]
+
+    def cross_attention_kv(self, encoder_hidden_states: mx.array) -> List[Tuple[mx.array, mx.array]]:
+        """The keys and values that every cross-attention layer makes of the text
+        context, in `kv_slot` order. They depend on the prompt only, so a sampler
+        computes them once per stage and passes them to each step as `cross_kv`
+        (the base UNet has 140 such projections per step, the refiner 88)."""
+        cfg = self.config
+        c = encoder_hidden_states
+        if c.ndim != 3 or c.shape[-1] != cfg.cross_attention_dim:
+            raise InputError(f"encoder_hidden_states must have shape (batch, tokens, {cfg.cross_attention_dim}); "
+                             f"got {tuple(c.shape)}")
+        c = c.astype(self.dtype)
+        return [tuple(mx.contiguous(a) for a in block.attn2.kv(c)) for block in self.transformer_blocks()]
 
     @property
     def dtype(self) -> mx.Dtype:
         return self.conv_in.weight.dtype
 
-    def _check_inputs(self, sample, context, text_embeds, time_ids):
+    def _check_inputs(self, sample, context, text_embeds, time_ids, cross_kv=None):
         cfg = self.config
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
             raise InputError(f"UNet sample must be NHWC (B, H, W, {cfg.in_channels}); got shape {tuple(sample.shape)}")
@@ -469,19 +489,41 @@ class UNet2DConditionModel(nn.Module):
                 f"{cfg.addition_time_embed_dim} = {width} features, but add_embedding takes "
                 f"{cfg.projection_class_embeddings_input_dim} (e.g. 1280 pooled + 6 ids for the base, "
                 "+ 5 ids for the refiner)")
+        if cross_kv is not None:
+            layers = self.transformer_blocks()
+            if len(cross_kv) != len(layers) or any(len(kv) != 2 for kv in cross_kv):
+                raise InputError(f"cross_kv must be this UNet's cross_attention_kv(encoder_hidden_states): "
+                                 f"{len(layers)} (key, value) pairs; got {len(cross_kv)} entries")
+            k = cross_kv[0][0]
+            if k.ndim != 4 or k.shape[0] != b or k.shape[2] != context.shape[1]:
+                raise InputError(f"cross_kv was made from a context of another shape (keys {tuple(k.shape)}; "
+                                 f"encoder_hidden_states {tuple(context.shape)}): make it with "
+                                 "cross_attention_kv(encoder_hidden_states)")
 
     def __call__(self, sample: mx.array, timestep, encoder_hidden_states: mx.array,
-                 text_embeds: Optional[mx.array] = None, time_ids: Optional[mx.array] = None) -> mx.array:
-        """Noise prediction (B, H, W, out_channels) for NHWC `sample` at `timestep` (scalar or (B,))."""
-        cfg, dtype = self.config, self.dtype
-        self._check_inputs(sample, encoder_hidden_states, text_embeds, time_ids)
-        b = sample.shape[0]
-        x = sample.astype(dtype)
-        context = encoder_hidden_states.astype(dtype)
+                 text_embeds: Optional[mx.array] = None, time_ids: Optional[mx.array] = None,
+                 cross_kv: Optional[Sequence[Tuple[mx.array, mx.array]]] = None) -> mx.array:
+        """Noise prediction (B, H, W, out_channels) for NHWC `sample` at `timestep` (scalar or (B,)).
 
+        `cross_kv`, optional: `cross_attention_kv(encoder_hidden_states)` made
+        beforehand, so that repeated calls with one context skip its projections."""
+        self._check_inputs(sample, encoder_hidden_states, text_embeds, time_ids, cross_kv)
+        t = self._timesteps(timestep, sample.shape[0])
+        if cross_kv is None:
+            cross_kv = self.cross_attention_kv(encoder_hidden_states)
+        return self._forward(sample, t, cross_kv, text_embeds, time_ids)
+
+    @staticmethod
+    def _timesteps(timestep, b: int) -> mx.array:
         t = timestep.astype(mx.float32) if isinstance(timestep, mx.array) else mx.array(timestep, dtype=mx.float32)
         if t.size not in (1, b) or t.ndim > 1:
             raise InputError(f"timestep must be a scalar or have shape ({b},); got shape {tuple(t.shape)}")
+        return t
+
+    def _forward(self, sample, t, cross_kv, text_embeds, time_ids) -> mx.array:
+        cfg, dtype = self.config, self.dtype
+        b = sample.shape[0]
+        x = sample.astype(dtype)
         t = mx.broadcast_to(t.reshape(-1), (b,))
         t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         ids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
@@ -492,31 +534,33 @@ class UNet2DConditionModel(nn.Module):
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:
-            x, s = block(x, emb, context)
+            x, s = block(x, emb, cross_kv)
             skips += s
-        x = self.mid_block(x, emb, context)
+        x = self.mid_block(x, emb, cross_kv)
         for block in self.up_blocks:
             count = len(block.resnets)
             target = skips[-count - 1].shape[1:3] if len(skips) > count else None
-            x = block(x, skips, emb, context, target)
+            x = block(x, skips, emb, cross_kv, target)
         return self.conv_out(self.conv_norm_out(x, silu=True))
 
     def compiled(self):
         """This forward pass as one compiled MLX function, f(sample, timestep, context,
-        text_embeds, time_ids): elementwise work fuses across layers (H200, fp16,
-        1024², batch 2: base step 45.3 vs 46.1 ms eager, refiner 43.9 vs 46.1 ms).
-        It traces once per input shape; a float timestep is passed on as an array,
-        so new timestep values reuse the trace. Keep the returned function for as
-        long as it is used (the model does not hold it, so dropping both frees the
-        weights at once)."""
-        @partial(mx.compile, inputs=self.state)
-        def forward(sample, timestep, context, text_embeds, time_ids):
-            return self(sample, timestep, context, text_embeds=text_embeds, time_ids=time_ids)
+        text_embeds, time_ids, cross_kv=None): elementwise work fuses across layers
+        (H200, fp16, 1024², batch 2: base step 45.3 vs 46.1 ms eager, refiner 43.9 vs
+        46.1 ms). It traces once per input shape; a float timestep is passed on as
+        an array, so new timestep values reuse the trace. The cross-attention keys
+        and values are inputs of the compiled graph: made from `context` on each
+        call unless `cross_kv` is given. Keep the returned function for as long as
+        it is used (the model does not hold it, so dropping both frees the weights
+        at once)."""
+        forward = mx.compile(self._forward, inputs=self.state)
 
-        def call(sample, timestep, context, text_embeds=None, time_ids=None):
-            self._check_inputs(sample, context, text_embeds, time_ids)  # clear errors before tracing
-            t = timestep if isinstance(timestep, mx.array) else mx.array(timestep, dtype=mx.float32)
-            return forward(sample, t, context, text_embeds, time_ids)
+        def call(sample, timestep, context, text_embeds=None, time_ids=None, cross_kv=None):
+            self._check_inputs(sample, context, text_embeds, time_ids, cross_kv)  # clear errors before tracing
+            t = self._timesteps(timestep, sample.shape[0])
+            if cross_kv is None:
+                cross_kv = self.cross_attention_kv(context)
+            return forward(sample, t, cross_kv, text_embeds, time_ids)
 
         return call
 
