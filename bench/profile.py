@@ -10,8 +10,9 @@ and values made beforehand, as the sampler makes them once per stage) it records
 - `pipelined_s`: per step, when each step's graph is built while the previous one runs
   (`mx.async_eval`), as a sampler can;
 - with `--kernels` and a CUDA build of PyTorch: the GPU kernel time per forward, by kernel
-  family (GEMM, convolution, attention, normalisation, reductions, copies, elementwise), taken
-  by PyTorch's profiler (CUPTI sees every kernel launched in the process, MLX's included).
+  family (GEMM, convolution, attention, normalisation, reductions, copies, elementwise,
+  (de)quantization), taken by PyTorch's profiler (CUPTI sees every kernel launched in the
+  process, MLX's included).
   One model and one variant per process with `--kernels`: MLX GPU work after a profiling
   session in the same process hung or ended the process on an H200.
 The same for diffusers' UNet (random weights, same configuration) with `--torch`.
@@ -40,6 +41,7 @@ from .models import FULL, TINY, build_random, unet_inputs
 from .run import free, stats
 
 FAMILIES = [  # (family, pattern on the kernel name), first match wins
+    ("quantized", r"quantize|qmm|qmv"),  # MLX's dequantize and quantized-matmul kernels
     ("attention", r"sdpa|fmha|flash|attention|attn"),
     ("convolution", r"conv|fprop|dgrad|implicit_gemm|implicit_convolve|winograd"),
     ("gemm", r"gemm|nvjet|cublas|cutlass|matmul|xmma"),

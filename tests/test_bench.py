@@ -253,6 +253,8 @@ def test_kernel_families():
     assert family("void mlx::core::cu::layer_norm<__half, 256, 8>") == "normalisation"
     assert family("void mlx::core::cu::col_reduce_looped<float, float>") == "reduction"
     assert family("void mlx::core::cu::binary_vv<mlx::core::cu::Add, __half>") == "elementwise"
+    assert family("void mlx::core::cu::affine_dequantize<__half, 64, 4>(const unsigned char *, ...)") == "quantized"
+    assert family("void mlx::core::cu::qmm_sm90_kernel<cutlass::half_t, 4, 64>") == "quantized"
 
 
 def test_cuda_runs_say_whether_cuda_graphs_were_on():
