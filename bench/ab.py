@@ -115,6 +115,8 @@ def main(argv=None) -> int:
             variants(name, model, args)
         else:  # (peaks then hold the quantized weights only)
             for convs in (True, False):
+                if not convs and not {"eager", "eager_kv"} & set(chosen):
+                    continue  # linear-only is measured eager only
                 q = quantize.quantize_unet(build_random("unet", config, dtype, seed=1), bits=a.bits, convs=convs)
                 free()
                 label = f"q{a.bits}" + ("" if convs else "_linear_only")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The standard set of GPU measurements, sized for one short lease (about 7 minutes on an H200 once
+# The standard set of GPU measurements, sized for one short lease (about 8 minutes on an H200 once
 # MLX's kernels are built), most wanted first, so a lease cut short keeps what matters:
 #   1. ab_q4: dense and 4-bit refiner, compiled, with the text context's cross-attention keys and
 #      values made in every step or once beforehand (the sampler's way), and QLinear always dense;
@@ -36,7 +36,7 @@ tiny=$([ "${TINY:-0}" = 1 ] && echo --tiny)
 common=(--width "$size" --height "$size" "${tiny:---random-weights}")
 (nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 || true) | tee -a "$out/log.txt"
 ab=(python3 -m bench.ab --dtype float16 --size "$size" --repeats 8 --warmup 3 $tiny)
-run 120 ab_q4 "${ab[@]}" --models refiner,refiner_q --variants compiled,compiled_kv --thresholds 0 \
+run 150 ab_q4 "${ab[@]}" --models refiner,refiner_q --variants compiled,compiled_kv --thresholds 0 \
     --json "$out/ab_q4.json"
 run 40 profile_q4 python3 -m bench.profile --size "$size" --models refiner_q4 --variants compiled --repeats 5 \
     --warmup 2 --kernels --json "$out/profile_q4.json" $tiny
