@@ -507,18 +507,20 @@ class UNet2DConditionModel(nn.Module):
 
         `cross_kv`, optional: `cross_attention_kv(encoder_hidden_states)` made
         beforehand, so that repeated calls with one context skip its projections."""
-        self._check_inputs(sample, encoder_hidden_states, text_embeds, time_ids, cross_kv)
-        t = self._timesteps(timestep, sample.shape[0])
-        if cross_kv is None:
-            cross_kv = self.cross_attention_kv(encoder_hidden_states)
-        return self._forward(sample, t, cross_kv, text_embeds, time_ids)
+        return self._forward(*self._forward_args(sample, timestep, encoder_hidden_states, text_embeds, time_ids,
+                                                 cross_kv))
 
-    @staticmethod
-    def _timesteps(timestep, b: int) -> mx.array:
+    def _forward_args(self, sample, timestep, context, text_embeds, time_ids, cross_kv):
+        """The checked arguments of `_forward`: the timestep as a float32 array, and the
+        cross-attention keys and values (made from `context` unless given)."""
+        self._check_inputs(sample, context, text_embeds, time_ids, cross_kv)
+        b = sample.shape[0]
         t = timestep.astype(mx.float32) if isinstance(timestep, mx.array) else mx.array(timestep, dtype=mx.float32)
         if t.size not in (1, b) or t.ndim > 1:
             raise InputError(f"timestep must be a scalar or have shape ({b},); got shape {tuple(t.shape)}")
-        return t
+        if cross_kv is None:
+            cross_kv = self.cross_attention_kv(context)
+        return sample, t, cross_kv, text_embeds, time_ids
 
     def _forward(self, sample, t, cross_kv, text_embeds, time_ids) -> mx.array:
         cfg, dtype = self.config, self.dtype
@@ -556,11 +558,8 @@ class UNet2DConditionModel(nn.Module):
         forward = mx.compile(self._forward, inputs=self.state)
 
         def call(sample, timestep, context, text_embeds=None, time_ids=None, cross_kv=None):
-            self._check_inputs(sample, context, text_embeds, time_ids, cross_kv)  # clear errors before tracing
-            t = self._timesteps(timestep, sample.shape[0])
-            if cross_kv is None:
-                cross_kv = self.cross_attention_kv(context)
-            return forward(sample, t, cross_kv, text_embeds, time_ids)
+            # checked before tracing, so bad input gets a clear error
+            return forward(*self._forward_args(sample, timestep, context, text_embeds, time_ids, cross_kv))
 
         return call
 
