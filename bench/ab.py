@@ -12,6 +12,12 @@ full-size weights and inputs, so that the differences are the variants' alone:
 
     python -m bench.ab --dtype float16 --size 1024 --json ab.json
 
+With `--interleave`, the listed models are then built again, kept side by side, and
+timed step for step in turn (A B A B ...), rows `<variant>+interleaved`: a model timed
+second in a process can run a few percent slower or faster than the first one (H200:
+up to 10%), and interleaving takes that order out of the ratio. (Peaks come from the
+rows measured alone: with both models resident, a peak would count both.)
+
 The JSON is rewritten after every measurement, so a run cut short keeps what it got.
 """
 
@@ -75,6 +81,8 @@ def main(argv=None) -> int:
                    help="comma-separated: eager, compiled, eager_kv, compiled_kv")
     p.add_argument("--thresholds", default="",
                    help="quantized refiner: QLinear token thresholds to try, e.g. 0,77,1024,never")
+    p.add_argument("--interleave", action="store_true",
+                   help="also time the models step for step in turn (rows <variant>+interleaved)")
     p.add_argument("--tiny", action="store_true", help="tiny random models (a smoke test)")
     p.add_argument("--json", required=True)
     a = p.parse_args(argv)
@@ -88,9 +96,10 @@ def main(argv=None) -> int:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
         m = res["seconds"]
-        print(f"{name:<12} {variant:<22} median {m['median'] * 1e3:9.2f} ms  (min {m['min'] * 1e3:.2f}, max "
-              f"{m['max'] * 1e3:.2f})  peak {res['peak_memory_bytes'] / 2 ** 30:6.2f} GiB  first "
-              f"{res['warmup_seconds']:.1f} s", flush=True)
+        peak, first = res["peak_memory_bytes"], res["warmup_seconds"]
+        print(f"{name:<12} {variant:<24} median {m['median'] * 1e3:9.2f} ms  (min {m['min'] * 1e3:.2f}, max "
+              f"{m['max'] * 1e3:.2f})" + (f"  peak {peak / 2 ** 30:6.2f} GiB" if peak is not None else "")
+              + (f"  first {first:.1f} s" if first is not None else ""), flush=True)
 
     chosen = a.variants.split(",")
 
@@ -104,6 +113,41 @@ def main(argv=None) -> int:
             fn = lambda x, t, c, te, ids: forward(x, t, c, text_embeds=te, time_ids=ids, cross_kv=kv)  # noqa: E731
             record(name, variant, measure(fn, args, a.repeats, a.warmup), model)
             kv = None
+
+    def build(name: str):
+        config = configs[BASE if name == "base" else REFINER]["unet"]
+        model = build_random("unet", config, dtype, seed=1)
+        if name == "refiner_q":
+            model = quantize.quantize_unet(model, bits=a.bits)
+            free()
+        return model
+
+    def interleaved() -> None:
+        names = a.models.split(",")
+        models = [build(name) for name in names]
+        labels = [f"refiner_q{a.bits}" if n == "refiner_q" else n for n in names]
+        for variant in chosen:
+            fns = []
+            for name, model in zip(names, models):
+                args = inputs(UNetConfig.from_dict(configs[BASE if name == "base" else REFINER]["unet"]),
+                              BASE if name == "base" else REFINER, a.size, a.batch, dtype)
+                forward = model.compiled() if variant.startswith("compiled") else model
+                kv = model.cross_attention_kv(args[2]) if variant.endswith("_kv") else None
+                mx.eval(kv)
+                fns.append((forward, args, kv))
+            runs = [[] for _ in fns]
+            for r in range(a.warmup + a.repeats):
+                for i, (forward, (x, t, c, te, ids), kv) in enumerate(fns):
+                    t0 = time.perf_counter()
+                    mx.eval(forward(x, t, c, text_embeds=te, time_ids=ids, cross_kv=kv))
+                    if r >= a.warmup:
+                        runs[i].append(time.perf_counter() - t0)
+            for label, model, times in zip(labels, models, runs):
+                standalone = [r for r in out["results"] if r["model"] == label and r["variant"] == variant]
+                peak = standalone[0]["peak_memory_bytes"] if standalone else None
+                record(label, f"{variant}+interleaved",
+                       {"seconds": stats(times), "warmup_seconds": None, "peak_memory_bytes": peak}, model)
+            fns = None
 
     for name in a.models.split(","):
         role = BASE if name == "base" else REFINER
@@ -134,6 +178,8 @@ def main(argv=None) -> int:
                 q = None
         model = None
         free()
+    if a.interleave:
+        interleaved()
     print(f"wrote {a.json}", file=sys.stderr)
     return 0
 

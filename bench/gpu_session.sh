@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The standard set of GPU measurements, sized for one short lease (about 8 minutes on an H200 once
+# The standard set of GPU measurements, sized for one short lease (about 7 minutes on an H200 once
 # MLX's kernels are built), most wanted first, so a lease cut short keeps what matters:
-#   1. ab_q4: dense and 4-bit refiner, compiled, with the text context's cross-attention keys and
-#      values made in every step or once beforehand (the sampler's way), and QLinear always dense;
-#   2. profile_q4: GPU kernel time by family of the 4-bit refiner's step (is the extra time the
-#      dequantize kernels, the quantized matmuls, or the CPU launching them?);
-#   3. ab_ops_20: the same with CUDA graphs off but a commit every 20 kernels (MLX_MAX_OPS_PER_BUFFER),
-#      which bounds how far the CPU runs ahead of the GPU, and so the step's peak memory;
+#   1. ab_q4: the dense refiner and the 4-bit one, compiled, keys and values made once per stage
+#      as the sampler does; each alone (time and peak), then both timed step for step in turn;
+#   2. the same with CUDA graphs off but a commit every N = 8 or 5 kernels
+#      (MLX_MAX_OPS_PER_BUFFER), which bounds how far the CPU runs ahead of the GPU and so the
+#      step's peak memory, and with CUDA graphs of 10 kernels;
+#   3. profile_q4: GPU kernel time by family of the 4-bit refiner's step;
 #   4. compiled: fp16 UNet steps, compiled, against diffusers/PyTorch in the same process;
 #   5. stages: text encoding, VAE decode and whole images against diffusers (peaks included);
 #   6. profile: the refiner's kernel time by family, with diffusers'.
-# Results go to $1 (default: bench/results/gpu): six JSON files and one log (a lent machine returns
+# ONLY_Q4=1 stops after step 2. Results go to $1 (default: bench/results/gpu): JSON files and one log (a lent machine returns
 # at most eight files; the Markdown tables can be made again from the JSON with bench.report.markdown).
 #
 # On the lent machine, after the two install steps of shared/device/README.md
@@ -35,13 +35,16 @@ size=${SIZE:-1024}  # SIZE=64 TINY=1: a quick smoke test of this script on any m
 tiny=$([ "${TINY:-0}" = 1 ] && echo --tiny)
 common=(--width "$size" --height "$size" "${tiny:---random-weights}")
 (nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 || true) | tee -a "$out/log.txt"
-ab=(python3 -m bench.ab --dtype float16 --size "$size" --repeats 8 --warmup 3 $tiny)
-run 150 ab_q4 "${ab[@]}" --models refiner,refiner_q --variants compiled,compiled_kv --thresholds 0 \
-    --json "$out/ab_q4.json"
+ab=(python3 -m bench.ab --dtype float16 --size "$size" --repeats 10 --warmup 3 --variants compiled_kv --interleave
+    $tiny)
+run 150 ab_q4 "${ab[@]}" --models refiner,refiner_q --json "$out/ab_q4.json"
+run 40 ab_ops_8 env MLX_MAX_OPS_PER_BUFFER=8 "${ab[@]}" --models refiner_q,refiner --json "$out/ab_ops_8.json"
+run 40 ab_ops_5 env MLX_MAX_OPS_PER_BUFFER=5 "${ab[@]}" --models refiner_q,refiner --json "$out/ab_ops_5.json"
+run 40 ab_graphs_10 env MLX_USE_CUDA_GRAPHS=1 MLX_MAX_OPS_PER_BUFFER=10 "${ab[@]}" --models refiner_q,refiner \
+    --json "$out/ab_graphs_10.json"
+[ "${ONLY_Q4:-0}" = 1 ] && { ls -l "$out"; exit 0; }
 run 40 profile_q4 python3 -m bench.profile --size "$size" --models refiner_q4 --variants compiled --repeats 5 \
     --warmup 2 --kernels --json "$out/profile_q4.json" $tiny
-MLX_MAX_OPS_PER_BUFFER=20 run 80 ab_ops_20 "${ab[@]}" --models refiner,refiner_q --variants compiled_kv \
-    --json "$out/ab_ops_20.json"
 run 100 compiled python3 -m bench "${common[@]}" --only unet --dtype float16 --refiner-bits 4 --repeats 10 \
     --warmup 3 --compile --compare diffusers --json "$out/compiled.json"
 run 100 stages python3 -m bench "${common[@]}" --only text,vae,e2e --dtype float16 --refiner-bits 4 --repeats 3 \

@@ -211,6 +211,21 @@ def test_ab_profile_and_components_tools(tmp_path, capsys):
                                                           ("refiner_q4", "eager"), ("refiner_q4", "dense_tokens=0")}
     assert all(r["seconds"]["median"] > 0 and r["peak_memory_bytes"] > 0 for r in rows)
 
+    # --interleave: the models timed step for step in turn, after each alone; peaks from the lone rows
+    out = tmp_path / "ab_interleaved.json"
+    assert ab.main(["--tiny", "--size", "64", "--dtype", "float32", "--repeats", "3", "--warmup", "1",
+                    "--models", "refiner_q,refiner", "--variants", "compiled_kv", "--interleave",
+                    "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["model"], r["variant"]) for r in rows] == [
+        ("refiner_q4", "compiled_kv"), ("refiner", "compiled_kv"),
+        ("refiner_q4", "compiled_kv+interleaved"), ("refiner", "compiled_kv+interleaved")]
+    for alone, mixed in zip(rows[:2], rows[2:]):
+        assert len(mixed["seconds"]["runs"]) == 3 and mixed["seconds"]["median"] > 0
+        assert mixed["peak_memory_bytes"] == alone["peak_memory_bytes"] > 0
+        assert mixed["weights_bytes"] == alone["weights_bytes"]
+    assert rows[0]["weights_bytes"] < rows[1]["weights_bytes"] / 2
+
     out = tmp_path / "profile.json"
     with pytest.raises(SystemExit):  # --kernels: one MLX configuration per process
         profile.main(["--tiny", "--kernels", "--models", "base", "--json", str(out)])
