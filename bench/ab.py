@@ -114,9 +114,15 @@ def main(argv=None) -> int:
             record(name, variant, measure(fn, args, a.repeats, a.warmup), model)
             kv = None
 
+    def unet_config(name: str) -> dict:  # name: base, refiner or refiner_q
+        return configs[BASE if name == "base" else REFINER]["unet"]
+
+    def model_inputs(name: str):
+        return inputs(UNetConfig.from_dict(unet_config(name)), BASE if name == "base" else REFINER, a.size,
+                      a.batch, dtype)
+
     def build(name: str):
-        config = configs[BASE if name == "base" else REFINER]["unet"]
-        model = build_random("unet", config, dtype, seed=1)
+        model = build_random("unet", unet_config(name), dtype, seed=1)
         if name == "refiner_q":
             model = quantize.quantize_unet(model, bits=a.bits)
             free()
@@ -129,8 +135,7 @@ def main(argv=None) -> int:
         for variant in chosen:
             fns = []
             for name, model in zip(names, models):
-                args = inputs(UNetConfig.from_dict(configs[BASE if name == "base" else REFINER]["unet"]),
-                              BASE if name == "base" else REFINER, a.size, a.batch, dtype)
+                args = model_inputs(name)
                 forward = model.compiled() if variant.startswith("compiled") else model
                 kv = model.cross_attention_kv(args[2]) if variant.endswith("_kv") else None
                 mx.eval(kv)
@@ -150,12 +155,10 @@ def main(argv=None) -> int:
             fns = None
 
     for name in a.models.split(","):
-        role = BASE if name == "base" else REFINER
-        config = configs[role]["unet"]
-        cfg = UNetConfig.from_dict(config)
-        args = inputs(cfg, role, a.size, a.batch, dtype)
+        config = unet_config(name)
+        args = model_inputs(name)
         if name != "refiner_q":
-            model = build_random("unet", config, dtype, seed=1)
+            model = build(name)
             variants(name, model, args)
         else:  # (peaks then hold the quantized weights only)
             for convs in (True, False):
