@@ -33,7 +33,7 @@ import mlx.core as mx
 
 from mlx_sdxl import quantize
 from mlx_sdxl.models.unet import UNetConfig
-from mlx_sdxl.sources import BASE, REFINER
+from mlx_sdxl.spec import BASE, BITS, REFINER
 from mlx_sdxl.weights import parse_dtype
 
 from .machine import machine_info
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--bits", type=int, default=4, choices=BITS)
     p.add_argument("--models", default="base,refiner,refiner_q", help="comma-separated: base, refiner, refiner_q")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated: eager, compiled, eager_kv, compiled_kv")
@@ -115,10 +115,10 @@ def main(argv=None) -> int:
             kv = None
 
     def unet_config(name: str) -> dict:  # name: base, refiner or refiner_q
-        return configs[BASE if name == "base" else REFINER]["unet"]
+        return configs[BASE if name == BASE else REFINER]["unet"]
 
     def model_inputs(name: str):
-        return inputs(UNetConfig.from_dict(unet_config(name)), BASE if name == "base" else REFINER, a.size,
+        return inputs(UNetConfig.from_dict(unet_config(name)), BASE if name == BASE else REFINER, a.size,
                       a.batch, dtype)
 
     def build(name: str):

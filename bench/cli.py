@@ -8,6 +8,8 @@ import time
 from datetime import datetime, timezone
 from typing import List, Optional
 
+from mlx_sdxl.spec import BITS
+
 from . import report
 from .run import STAGES, Runner, Settings
 
@@ -47,7 +49,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     run.add_argument("--dtype", action="append", metavar="LIST",
                      help="float16, bfloat16, float32, comma-separated or repeated; UNets are measured in each, "
                           "the other stages in the first (default: float16 on a GPU, float32 on the CPU)")
-    run.add_argument("--refiner-bits", type=int, choices=(2, 3, 4, 5, 6, 8),
+    run.add_argument("--refiner-bits", type=int, choices=BITS,
                      help="also measure the refiner quantized to this many bits (and use it for whole images)")
     run.add_argument("--only", metavar="LIST", default=",".join(STAGES),
                      help=f"stages to run, comma-separated from {', '.join(STAGES)} (default: all)")
@@ -118,7 +120,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m bench") -> int
         return 2
 
     from mlx_sdxl.errors import SDXLError
-    from mlx_sdxl.models.blocks import use_cpu_kernels
+    from mlx_sdxl.models.cpu_kernels import use_cpu_kernels
 
     from .machine import backend, describe, machine_info, openblas_hint
 

@@ -24,7 +24,8 @@ from typing import Callable, Dict, List
 import mlx.core as mx
 import numpy as np
 
-from mlx_sdxl.models import blocks
+from mlx_sdxl.models import blocks, cpu_kernels
+from mlx_sdxl.spec import BASE, REFINER
 from mlx_sdxl.weights import parse_dtype
 
 from .machine import backend, machine_info
@@ -33,8 +34,8 @@ B = 2  # classifier-free guidance batch
 
 # (name, latent side, channels, heads) of the UNet levels that matter, per model, at 1024².
 LEVELS = {
-    "base": [("L0", 128, 320, None), ("L1", 64, 640, 10), ("L2", 32, 1280, 20)],
-    "refiner": [("L0", 128, 384, None), ("L1", 64, 768, 12), ("L2", 32, 1536, 24), ("L3", 16, 1536, None)],
+    BASE: [("L0", 128, 320, None), ("L1", 64, 640, 10), ("L2", 32, 1280, 20)],
+    REFINER: [("L0", 128, 384, None), ("L1", 64, 768, 12), ("L2", 32, 1536, 24), ("L3", 16, 1536, None)],
 }
 
 
@@ -157,7 +158,7 @@ def mlx_case(kind: str, p: dict, dtype):
 
         def f(x):
             h, g = mx.split(x, 2, axis=-1)
-            return blocks.geglu(h, g)
+            return cpu_kernels.geglu(h, g)
         args = (x,)
     else:
         raise ValueError(kind)
@@ -202,7 +203,7 @@ def torch_case(t: Torch, kind: str, p: dict):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.components", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", default="float16")
-    ap.add_argument("--models", default="base,refiner")
+    ap.add_argument("--models", default=f"{BASE},{REFINER}")
     ap.add_argument("--kinds", default="", help="comma-separated subset of the operation kinds")
     ap.add_argument("--chain", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)

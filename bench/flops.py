@@ -16,7 +16,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_sdxl.models import blocks
+from mlx_sdxl.models import blocks, cpu_kernels
 
 
 @contextmanager
@@ -54,8 +54,8 @@ def _counting():
         return sdpa(q, k, v, *args, **kwargs)
 
     # the plain path of every layer (the CPU kernels split some matmuls)
-    can_compile = blocks._can_compile_cpu
-    blocks._can_compile_cpu = lambda: False
+    can_compile = cpu_kernels._can_compile_cpu
+    cpu_kernels._can_compile_cpu = lambda: False
     nn.Linear.__call__, nn.Conv2d.__call__ = linear, conv
     blocks.attention, mx.fast.scaled_dot_product_attention = attention_counted, sdpa_counted
     try:
@@ -63,7 +63,7 @@ def _counting():
     finally:
         nn.Linear.__call__, nn.Conv2d.__call__ = linear_call, conv_call
         blocks.attention, mx.fast.scaled_dot_product_attention = attention, sdpa
-        blocks._can_compile_cpu = can_compile
+        cpu_kernels._can_compile_cpu = can_compile
 
 
 def count_flops(fn: Callable, *args, **kwargs) -> int:

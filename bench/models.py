@@ -14,7 +14,8 @@ import numpy as np
 from mlx_sdxl.models.clip import CLIPTextConfig, CLIPTextModel
 from mlx_sdxl.models.unet import SDXL_BASE_CONFIG, SDXL_REFINER_CONFIG, UNet2DConditionModel, UNetConfig
 from mlx_sdxl.models.vae import AutoencoderKL, VAEConfig
-from mlx_sdxl.sources import BASE, REFINER, ModelSource, open_source
+from mlx_sdxl.sources import ModelSource, open_source
+from mlx_sdxl.spec import BASE, REFINER
 
 VOCAB = 49408
 BOS, EOS = 49406, 49407

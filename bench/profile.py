@@ -32,7 +32,7 @@ import mlx.core as mx
 
 from mlx_sdxl import quantize
 from mlx_sdxl.models.unet import UNetConfig
-from mlx_sdxl.sources import BASE, REFINER
+from mlx_sdxl.spec import BASE, BITS, REFINER
 from mlx_sdxl.weights import parse_dtype
 
 from .compare_diffusers import _unet_config
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     dtype = parse_dtype(a.dtype)
     out: Dict[str, object] = {"machine": machine_info(measure_blas=False), "settings": vars(a), "results": []}
-    known = {"base", "refiner"} | {f"refiner_q{b}" for b in quantize.BITS}
+    known = {BASE, REFINER} | {f"{REFINER}_q{b}" for b in BITS}
     unknown = [m for m in a.models.split(",") if m not in known]
     if unknown:
         ap.error(f"unknown model(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known))}")
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
         print(f"{row['model']:<8} {row['impl']:<28}{timing}{extra}", flush=True)
 
     for name in a.models.split(","):
-        role = BASE if name == "base" else REFINER
+        role = BASE if name == BASE else REFINER
         config = (TINY if a.tiny else FULL)[role]["unet"]
         cfg = UNetConfig.from_dict(config)
         d = unet_inputs(cfg, role, a.size, a.size, a.batch)

@@ -215,20 +215,21 @@ class Runner:
         pipe = SDXLPipeline(self.base, self.refiner, dtype=dtype, refiner_bits=s.refiner_bits,
                             low_memory=s.low_memory)
         frac = s.high_noise_frac if self.refiner is not None else 1.0
-        run = lambda steps: pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps,  # noqa: E731
-                                 width=s.width, height=s.height, high_noise_frac=frac, seed=0, output_type="np")
+        run = lambda steps: pipe.generate(PROMPT, negative_prompt=NEGATIVE,  # noqa: E731
+                                          num_inference_steps=steps, width=s.width, height=s.height,
+                                          high_noise_frac=frac, seed=0, output_type="np").timings
         mx.reset_peak_memory()
         t0 = time.perf_counter()
-        run(2)  # warm-up: loads every model and builds the kernels
-        load = sum(v for k, v in pipe.last_timings.items() if k.startswith("load_"))
+        warmup = run(2)  # loads every model and builds the kernels
+        load = sum(v for k, v in warmup.items() if k.startswith("load_"))
         self.log(f"  e2e warm-up (2 steps, models loading) {time.perf_counter() - t0:.3g} s")
         runs, breakdown = [], []
         for _ in range(s.repeats):
             t0 = time.perf_counter()
-            run(s.steps)
+            timings = run(s.steps)
             runs.append(time.perf_counter() - t0)
             breakdown.append({k: (v.seconds if hasattr(v, "seconds") else v)
-                              for k, v in pipe.last_timings.items() if not k.startswith("load_")})
+                              for k, v in timings.items() if not k.startswith("load_")})
         per_stage = {k: statistics.median(b[k] for b in breakdown) for k in breakdown[0]}
         self._record("e2e", "e2e", dtype, runs, mx.get_peak_memory(), load, None, steps=s.steps,
                      high_noise_frac=frac if self.refiner is not None else None, refiner_bits=s.refiner_bits,

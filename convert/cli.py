@@ -7,6 +7,7 @@ import sys
 from typing import List, Optional
 
 from mlx_sdxl.errors import SDXLError
+from mlx_sdxl.spec import BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES
 
 
 def build_parser(prog: str = "python -m convert") -> argparse.ArgumentParser:
@@ -16,9 +17,9 @@ def build_parser(prog: str = "python -m convert") -> argparse.ArgumentParser:
     p.add_argument("--vae", help="a replacement VAE (folder or .safetensors), e.g. the fp16-fix VAE")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    p.add_argument("--refiner-bits", type=int, choices=[2, 3, 4, 5, 6, 8], help="quantize the refiner UNet")
-    p.add_argument("--base-bits", type=int, choices=[2, 3, 4, 5, 6, 8], help="quantize the base UNet")
-    p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128])
+    p.add_argument("--refiner-bits", type=int, choices=BITS, help="quantize the refiner UNet")
+    p.add_argument("--base-bits", type=int, choices=BITS, help="quantize the base UNet")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=GROUP_SIZES)
     p.add_argument("--linear-only", action="store_true", help="quantize Linear layers only, keep convs dense")
     p.add_argument("--tokenizer", help="folder holding tokenizer/ and tokenizer_2/ (for single files)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -22,13 +22,14 @@ from typing import Callable, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_sdxl import __version__
 from mlx_sdxl.errors import InputError
-from mlx_sdxl.sources import BASE, MLX_FORMAT, MODEL_PARTS, QUANT_FILE, REFINER, TOKENIZERS, open_source, vae_source
+from mlx_sdxl.sources import MLX_FORMAT, QUANT_FILE, open_source, vae_source
+from mlx_sdxl.spec import BASE, DEFAULT_GROUP_SIZE, MODEL_PARTS, REFINER, TEXT_ENCODERS, TOKENIZERS
+from mlx_sdxl.version import __version__
 from mlx_sdxl.weights import parse_dtype
 
 SHARD_BYTES = 2_000_000_000
-QUANTIZABLE = ("unet", "text_encoder", "text_encoder_2")
+QUANTIZABLE = ("unet", *TEXT_ENCODERS)
 
 
 def _say(log: Optional[Callable], msg: str) -> None:
@@ -105,8 +106,8 @@ def _write_pipeline(source, dest: Path, dtype, bits: Optional[int], group_size: 
 
 
 def convert(base, out, *, refiner=None, vae=None, dtype="float16", refiner_bits: Optional[int] = None,
-            base_bits: Optional[int] = None, group_size: int = 64, convs: bool = True, overwrite: bool = False,
-            config=None, refiner_config=None, tokenizer=None, tokenizer_2=None,
+            base_bits: Optional[int] = None, group_size: int = DEFAULT_GROUP_SIZE, convs: bool = True,
+            overwrite: bool = False, config=None, refiner_config=None, tokenizer=None, tokenizer_2=None,
             log: Optional[Callable] = print) -> Path:
     """Convert `base` (and `refiner`) into an MLX folder at `out`; returns the path."""
     out = Path(out).expanduser()
@@ -134,23 +135,23 @@ def convert(base, out, *, refiner=None, vae=None, dtype="float16", refiner_bits:
             "format": MLX_FORMAT, "format_version": 1, "mlx_sdxl_version": __version__, "mlx_version": mx.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "dtype": str(dt).replace("mlx.core.", ""),
-            "source": {"base": str(base), "refiner": None if refiner is None else str(refiner),
+            "source": {BASE: str(base), REFINER: None if refiner is None else str(refiner),
                        "vae": None if vae is None else str(vae)},
             "quantization": {},
             "bytes": {},
         }
         _say(log, f"converting {base} -> {out}")
-        manifest["bytes"]["base"] = _write_pipeline(base_src, tmp / "base", dt, base_bits, group_size, convs,
-                                                    vae_src, log)
+        manifest["bytes"][BASE] = _write_pipeline(base_src, tmp / BASE, dt, base_bits, group_size, convs,
+                                                  vae_src, log)
         if base_bits:
-            manifest["quantization"]["base/unet"] = {"bits": base_bits, "group_size": group_size, "convs": convs}
+            manifest["quantization"][f"{BASE}/unet"] = {"bits": base_bits, "group_size": group_size, "convs": convs}
         if refiner_src is not None:
             _say(log, f"converting refiner {refiner}")
-            manifest["bytes"]["refiner"] = _write_pipeline(refiner_src, tmp / "refiner", dt, refiner_bits,
-                                                           group_size, convs, vae_src, log)
+            manifest["bytes"][REFINER] = _write_pipeline(refiner_src, tmp / REFINER, dt, refiner_bits,
+                                                       group_size, convs, vae_src, log)
             if refiner_bits:
-                manifest["quantization"]["refiner/unet"] = {"bits": refiner_bits, "group_size": group_size,
-                                                            "convs": convs}
+                manifest["quantization"][f"{REFINER}/unet"] = {"bits": refiner_bits, "group_size": group_size,
+                                                               "convs": convs}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"

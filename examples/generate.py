@@ -33,15 +33,16 @@ def main():
     pipe = SDXLPipeline.from_pretrained(args.model, args.refiner, dtype=dtype)
     settings = dict(prompt=args.prompt, num_inference_steps=args.steps, width=args.width, height=args.height,
                     seed=args.seed, guidance_scale=5.0, high_noise_frac=0.8, scheduler="euler")
-    [image] = pipe(**settings)
+    result = pipe.generate(**settings)
+    [image] = result.images
 
     # Record the run in the image: image.info["parameters"] now holds the A1111 text.
     attach_metadata(image, dict(settings, model=args.model, refiner=args.refiner, dtype=dtype))
     save_png(image, args.output, overwrite=True)
 
-    t = pipe.last_timings
+    t = result.timings
     stages = ", ".join(f"{s} {t[s].seconds:.1f} s" for s in ("base", "refiner", "decode") if s in t)
-    print(f"wrote {args.output} (seed {pipe.last_seed}; {stages})")
+    print(f"wrote {args.output} (seed {result.seeds[0]}; {stages})")
 
 
 if __name__ == "__main__":

@@ -34,15 +34,16 @@ def main():
     dtype = args.dtype or default_dtype()
     pipe = SDXLPipeline.from_pretrained(args.model, args.refiner, dtype=dtype)
     source = Image.open(args.image).convert("RGB")
-    [image] = pipe.refine(source, args.prompt, strength=args.strength, num_inference_steps=args.steps,
-                          seed=args.seed)
+    result = pipe.generate(args.prompt, image=source, strength=args.strength, num_inference_steps=args.steps,
+                           seed=args.seed)
+    [image] = result.images
 
     settings = dict(mode="refine", image=args.image, prompt=args.prompt, strength=args.strength,
-                    num_inference_steps=args.steps, seed=pipe.last_seed, scheduler="euler", guidance_scale=5.0,
+                    num_inference_steps=args.steps, seed=result.seeds[0], scheduler="euler", guidance_scale=5.0,
                     width=image.width, height=image.height, model=args.model, refiner=args.refiner, dtype=dtype)
     save_png(image, args.output, settings, overwrite=True)
     stage = "refiner" if args.refiner else "base"
-    ran = pipe.last_timings[stage].steps
+    ran = result.timings[stage].steps
     print(f"wrote {args.output} ({image.width}x{image.height}; the {stage} re-ran {ran} of {args.steps} steps)")
 
 

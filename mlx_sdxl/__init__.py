@@ -1,6 +1,6 @@
 """mlx_sdxl: Stable Diffusion XL base + refiner in MLX."""
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 from .runtime import apply_cuda_defaults  # noqa: E402
 
@@ -10,10 +10,10 @@ from .errors import ConfigError, InputError, SDXLError, WeightsError  # noqa: E4
 from .models.clip import load_text_encoder  # noqa: E402
 from .models.unet import load_unet  # noqa: E402
 from .models.vae import load_vae  # noqa: E402
-from .pipeline import SDXLPipeline  # noqa: E402
+from .pipeline import GenerationResult, SDXLPipeline, StageTiming  # noqa: E402
 from .tokenizer import load_tokenizer  # noqa: E402
 
 __all__ = [
-    "SDXLPipeline", "load_unet", "load_vae", "load_text_encoder", "load_tokenizer",
+    "SDXLPipeline", "GenerationResult", "StageTiming", "load_unet", "load_vae", "load_text_encoder", "load_tokenizer",
     "SDXLError", "ConfigError", "InputError", "WeightsError", "__version__",
 ]

@@ -1,8 +1,8 @@
 """The `mlx-sdxl` command.
 
-    mlx-sdxl generate "a red fox in snow" --model PATH [--refiner PATH] [--seed 1 2 3]
+    mlx-sdxl generate "a red fox in snow" [--model ID|PATH] [--refiner ID|PATH|none] [--seed 1 2 3]
     mlx-sdxl generate --from fox-1.png --steps 50      # re-run stored settings, overriding some
-    mlx-sdxl generate "sharper" --model PATH --image photo.png --strength 0.3
+    mlx-sdxl generate "sharper" --image photo.png --strength 0.3
     mlx-sdxl info fox-1.png
     mlx-sdxl convert ... / mlx-sdxl bench ...
 
@@ -23,16 +23,17 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from . import __version__
 from .errors import InputError, SDXLError
 from .metadata import attach_metadata, default_filename, read_metadata, save_png
 from .progress import Progress
 from .schedulers import SCHEDULERS
+from .spec import (BITS, DEFAULT_BASE_ID, DEFAULT_GUIDANCE, DEFAULT_HIGH_NOISE_FRAC, DEFAULT_REFINER_ID,
+                   DEFAULT_SCHEDULER, DEFAULT_SIDE, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_SEED, MIN_SIDE,
+                   SIZE_MULTIPLE, is_int)
+from .version import __version__
 
 PROG = "mlx-sdxl"
 DTYPES = ("float16", "bfloat16", "float32")
-REFINER_BITS = (2, 3, 4, 5, 6, 8)
-MAX_SEED = 2**32 - 1
 
 # Settings a run is made of; every flag below has default None so that we know
 # which ones the user gave (they override what `--from IMAGE` recorded).
@@ -42,18 +43,18 @@ DEFAULTS = {
     "model": None,
     "refiner": None,
     "vae": None,
-    "num_inference_steps": 40,
-    "high_noise_frac": 0.8,
-    "guidance_scale": 5.0,
+    "num_inference_steps": DEFAULT_STEPS,
+    "high_noise_frac": DEFAULT_HIGH_NOISE_FRAC,
+    "guidance_scale": DEFAULT_GUIDANCE,
     "guidance_rescale": 0.0,
-    "scheduler": "euler",
-    "width": 1024,
-    "height": 1024,
+    "scheduler": DEFAULT_SCHEDULER,
+    "width": DEFAULT_SIDE,
+    "height": DEFAULT_SIDE,
     "refiner_bits": None,
     "low_memory": False,
     "dtype": None,  # float16 on GPU backends, float32 on the CPU backend
     "image": None,
-    "strength": 0.3,
+    "strength": DEFAULT_STRENGTH,
 }
 # Recorded names that are display names, not loadable paths, when they come from another tool's infotext.
 _NAME_ONLY = ("model", "refiner", "vae")
@@ -89,7 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Stable Diffusion XL (base + refiner) in MLX.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_generate(sub)
+    i = sub.add_parser("info", help="print the generation settings stored in a PNG")
+    i.add_argument("image", metavar="IMAGE")
+    i.add_argument("--json", action="store_true", help="print the full settings as JSON")
 
+    sub.add_parser("convert", help="convert checkpoints (see 'mlx-sdxl convert --help')", add_help=False)
+    sub.add_parser("bench", help="benchmarks (see 'mlx-sdxl bench --help')", add_help=False)
+    return parser
+
+
+def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="generate images (or refine an existing one)",
                        description="Generate images with SDXL; each writes a PNG that records its settings.")
     g.add_argument("prompt", nargs="?", help="the prompt (optional with --from)")
@@ -98,35 +109,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-run the settings stored in IMAGE; flags given here override them")
 
     m = g.add_argument_group("models")
-    m.add_argument("--model", metavar="ID|PATH", help="the SDXL base model (required unless --from)")
-    m.add_argument("--refiner", metavar="ID|PATH|none", help="the SDXL refiner; 'none' for base only (default)")
+    m.add_argument("--model", metavar="ID|PATH",
+                   help=f"the SDXL base: a hub id, diffusers folder, .safetensors checkpoint or converted folder "
+                        f"(default {DEFAULT_BASE_ID}, downloaded on first use)")
+    m.add_argument("--refiner", metavar="ID|PATH|none",
+                   help=f"the SDXL refiner; 'none' for base only (default: {DEFAULT_REFINER_ID} when --model is "
+                        "not given, else none)")
     m.add_argument("--vae", metavar="PATH", help="a replacement VAE (e.g. the fp16-fix VAE)")
 
     s = g.add_argument_group("sampling")
-    s.add_argument("--steps", dest="num_inference_steps", type=int, metavar="N", help="total steps (default 40)")
+    s.add_argument("--steps", dest="num_inference_steps", type=int, metavar="N", help=f"total steps (default {DEFAULT_STEPS})")
     s.add_argument("--high-noise-frac", dest="high_noise_frac", type=float, metavar="F",
-                   help="share of the schedule the base runs before the refiner (default 0.8)")
+                   help=f"share of the schedule the base runs before the refiner (default {DEFAULT_HIGH_NOISE_FRAC})")
     s.add_argument("--guidance", dest="guidance_scale", type=float, metavar="CFG",
-                   help="classifier-free guidance scale (default 5.0)")
-    s.add_argument("--scheduler", choices=SCHEDULERS, help="sampler (default euler)")
+                   help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})")
+    s.add_argument("--scheduler", choices=SCHEDULERS, help=f"sampler (default {DEFAULT_SCHEDULER})")
 
     z = g.add_argument_group("size and count")
-    z.add_argument("--width", type=int, help="image width, a multiple of 8 (default 1024)")
-    z.add_argument("--height", type=int, help="image height, a multiple of 8 (default 1024)")
+    z.add_argument("--width", type=int, help=f"image width, a multiple of {SIZE_MULTIPLE} (default {DEFAULT_SIDE})")
+    z.add_argument("--height", type=int, help=f"image height, a multiple of {SIZE_MULTIPLE} (default {DEFAULT_SIDE})")
     z.add_argument("--seed", dest="seeds", type=int, nargs="+", metavar="S",
                    help="one image per seed (default: a random seed, recorded in the PNG)")
     z.add_argument("--n-images", dest="n_images", type=int, metavar="N",
                    help="number of images; with one --seed S, uses seeds S, S+1, ...")
 
     p = g.add_argument_group("memory and precision")
-    p.add_argument("--refiner-bits", dest="refiner_bits", type=int, choices=REFINER_BITS,
+    p.add_argument("--refiner-bits", dest="refiner_bits", type=int, choices=BITS,
                    help="quantize the refiner UNet to this many bits")
     p.add_argument("--low-memory", dest="low_memory", action="store_true", default=None,
                    help="release each model when its stage is done; tiled VAE decode")
     p.add_argument("--dtype", choices=DTYPES, help="float16 on GPU backends, float32 on CPU (default)")
     p.add_argument("--compile", action="store_true",
-                   help="run each UNet step as one compiled MLX graph (2-5%% faster steps on an H200 "
-                        "after a one-time kernel build; slower on the CPU backend)")
+                   help="run each UNet step as one compiled MLX graph (the first run builds the kernels; "
+                        "see the README's Performance section for when it pays)")
 
     o = g.add_argument_group("output")
     o.add_argument("--output", "-o", metavar="PATH|DIR",
@@ -136,15 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = g.add_argument_group("refining an existing image")
     r.add_argument("--image", metavar="PATH", help="img2img: refine this image instead of starting from noise")
-    r.add_argument("--strength", type=float, metavar="F", help="share of the schedule re-run (default 0.3)")
-
-    i = sub.add_parser("info", help="print the generation settings stored in a PNG")
-    i.add_argument("image", metavar="IMAGE")
-    i.add_argument("--json", action="store_true", help="print the full settings as JSON")
-
-    sub.add_parser("convert", help="convert checkpoints (see 'mlx-sdxl convert --help')", add_help=False)
-    sub.add_parser("bench", help="benchmarks (see 'mlx-sdxl bench --help')", add_help=False)
-    return parser
+    r.add_argument("--strength", type=float, metavar="F", help=f"share of the schedule re-run (default {DEFAULT_STRENGTH})")
 
 
 # ---------------------------------------------------------------- settings
@@ -171,6 +178,10 @@ def resolve_settings(args) -> tuple:
     explicit = {k for k in DEFAULTS if getattr(args, k, None) is not None}
     for key in explicit:
         settings[key] = getattr(args, key)
+    if not settings["model"]:  # the official SDXL; its refiner too unless one was named (or 'none')
+        settings["model"] = DEFAULT_BASE_ID
+        if settings["refiner"] is None:
+            settings["refiner"] = DEFAULT_REFINER_ID
     if isinstance(settings["refiner"], str) and settings["refiner"].lower() == "none":
         settings["refiner"] = None
     if args.seeds:
@@ -193,15 +204,13 @@ def validate(settings: dict, explicit: set, args) -> None:
     """Everything that can be checked without loading a model."""
     if settings["prompt"] is None:
         raise CLIError("give a prompt (or --from IMAGE to re-use a stored one)")
-    if not settings["model"]:
-        raise CLIError("--model is required (an SDXL base: a diffusers folder, hub id or checkpoint)")
     _check_int(settings["num_inference_steps"], 1, "--steps")
     refine = settings["image"] is not None
     if not refine:
         for flag in ("width", "height"):
             v = settings[flag]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 64 or v % 8:
-                raise CLIError(f"--{flag} must be a multiple of 8 and at least 64, got {v!r}")
+            if not is_int(v) or v < MIN_SIDE or v % SIZE_MULTIPLE:
+                raise CLIError(f"--{flag} must be a multiple of {SIZE_MULTIPLE} and at least {MIN_SIDE}, got {v!r}")
         _check_fraction(settings["high_noise_frac"], "--high-noise-frac")
     else:
         _check_fraction(settings["strength"], "--strength")
@@ -222,8 +231,8 @@ def validate(settings: dict, explicit: set, args) -> None:
         if "refiner_bits" in explicit:
             raise CLIError("--refiner-bits needs a refiner (--refiner ID|PATH)")
         settings["refiner_bits"] = None
-    elif settings["refiner_bits"] is not None and settings["refiner_bits"] not in REFINER_BITS:
-        raise CLIError(f"--refiner-bits must be one of {REFINER_BITS}, got {settings['refiner_bits']!r}")
+    elif settings["refiner_bits"] is not None and settings["refiner_bits"] not in BITS:
+        raise CLIError(f"--refiner-bits must be one of {BITS}, got {settings['refiner_bits']!r}")
     if args.n_images is not None:
         _check_int(args.n_images, 1, "--n-images")
 
@@ -237,7 +246,7 @@ def resolve_seeds(seeds: Optional[List[int]], n_images: Optional[int]) -> List[i
                            "give one seed per image, or one seed to count up from")
         seeds = [seeds[0] + i for i in range(n_images)]
     for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
+        if not is_int(s) or not 0 <= s <= MAX_SEED:
             raise CLIError(f"seeds must be integers in [0, {MAX_SEED}], got {s!r}")
     return seeds
 
@@ -313,7 +322,7 @@ def cmd_generate(args) -> int:
         settings["model"], settings["refiner"], dtype=getattr(mx, settings["dtype"]),
         refiner_bits=settings["refiner_bits"], low_memory=bool(settings["low_memory"]), vae=settings["vae"],
         compile=args.compile)
-    progress.timings = lambda: pipe.last_timings
+    progress.timings = pipe.models.load_seconds.copy
     what = (f"refine {source_image.width}x{source_image.height} image, strength {settings['strength']}" if refine
             else f"{settings['width']}x{settings['height']}")
     progress.log(f"{PROG} {__version__}: {what}, {settings['num_inference_steps']} steps {settings['scheduler']}, "
@@ -337,18 +346,19 @@ def _generate_one(pipe, settings, source_image, seed, path, progress, overwrite)
                   guidance_rescale=settings["guidance_rescale"], scheduler=settings["scheduler"],
                   seed=seed, callback=progress)
     if source_image is not None:
-        images = pipe.refine(source_image, settings["prompt"], settings["negative_prompt"],
-                             strength=settings["strength"], **common)
+        result = pipe.generate(settings["prompt"], settings["negative_prompt"], image=source_image,
+                               strength=settings["strength"], **common)
     else:
-        images = pipe(settings["prompt"], settings["negative_prompt"], high_noise_frac=settings["high_noise_frac"],
-                      width=settings["width"], height=settings["height"], **common)
-    if images is None:  # only a callback can cancel; ours never does
+        result = pipe.generate(settings["prompt"], settings["negative_prompt"],
+                               high_noise_frac=settings["high_noise_frac"], width=settings["width"],
+                               height=settings["height"], **common)
+    if result.cancelled:  # only a callback can cancel; ours never does
         raise InputError("generation was cancelled")
-    image = images[0]
+    image = result.images[0]
     record = dict(settings, seed=seed, width=image.width, height=image.height)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(attach_metadata(image, record), path, overwrite=overwrite)
-    progress.summary(pipe.last_timings, time.perf_counter() - t0)
+    progress.summary(result.timings, time.perf_counter() - t0)
     print(path, flush=True)
 
 

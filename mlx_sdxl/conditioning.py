@@ -1,7 +1,7 @@
 """What the UNets are conditioned on besides the prompt embeddings, and guidance.
 
 - Prompts: strings or lists, broadcast against each other.
-- Micro-conditioning time ids (facts §2.2): the base takes
+- Micro-conditioning time ids (sizes and crop offsets in pixels): the base takes
   [orig_h, orig_w, crop_top, crop_left, target_h, target_w]; the refiner takes
   [orig_h, orig_w, crop_top, crop_left, aesthetic_score].
 - Classifier-free guidance with the optional rescale of arXiv 2305.08891 §3.4.
@@ -63,12 +63,9 @@ def refiner_time_ids(original: Size, crops: Size, aesthetic: float, neg_original
     return [*original, *crops, aesthetic], [*neg_original, *neg_crops, neg_aesthetic]
 
 
-def time_ids_batch(pos: list, neg: list, batch: int, do_cfg: bool) -> mx.array:
-    """The (batch, n) time ids, with the negative rows first when guiding: [uncond; cond]."""
-    rows = mx.broadcast_to(mx.array(pos, dtype=mx.float32)[None], (batch, len(pos)))
-    if do_cfg:
-        rows = mx.concatenate([mx.broadcast_to(mx.array(neg, dtype=mx.float32)[None], (batch, len(neg))), rows])
-    return rows
+def time_ids_rows(ids: list, batch: int) -> mx.array:
+    """One row of time ids per image: (batch, len(ids)) float32."""
+    return mx.broadcast_to(mx.array(ids, dtype=mx.float32)[None], (batch, len(ids)))
 
 
 def guide(eps: mx.array, scale: float, rescale: float) -> mx.array:

@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import List, Optional
 
 from .errors import WeightsError
+from .spec import MODEL_PARTS, TOKENIZERS
 
 # Only what an SDXL pipeline needs: no Flax/ONNX/OpenVINO exports, no vae_1_0/, no single files.
-PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-CONFIG_PATTERNS = ["model_index.json", "scheduler/*.json", "tokenizer/*", "tokenizer_2/*"] + [f"{p}/config.json" for p in PARTS]
+PARTS = MODEL_PARTS
+CONFIG_PATTERNS = (["model_index.json", "scheduler/*.json"] + [f"{t}/*" for t in TOKENIZERS]
+                   + [f"{p}/config.json" for p in PARTS])
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

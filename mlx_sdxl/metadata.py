@@ -26,8 +26,8 @@ from typing import Optional
 
 import numpy as np
 
-from . import __version__
 from .errors import InputError
+from .version import __version__
 
 JSON_KEY = "mlx_sdxl"
 PARAMETERS_KEY = "parameters"

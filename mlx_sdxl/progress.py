@@ -2,9 +2,9 @@
 bar per stage (base steps, refiner steps, decode) on a terminal, and plain log
 lines everywhere else.
 
-    progress = Progress(timings=lambda: pipe.last_timings)
-    images = pipe(prompt, callback=progress)
-    progress.summary(pipe.last_timings)
+    progress = Progress(timings=pipe.models.load_seconds.copy)
+    result = pipe.generate(prompt, callback=progress)
+    progress.summary(result.timings)
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ class Progress:
 
     On a TTY it redraws a bar with `\\r` (it/s and ETA); otherwise it writes a
     plain line when a stage ends (and every `line_interval` seconds during long
-    stages). `quiet=True` writes nothing. `timings` returns the pipeline's
-    `last_timings` so model load times are reported as they happen. It never
+    stages). `quiet=True` writes nothing. `timings` returns the pipeline's model
+    load times (`pipe.models.load_seconds`) so loads are reported as they happen. It never
     cancels a run.
     """
 

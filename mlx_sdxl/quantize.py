@@ -5,9 +5,9 @@ consecutive input weights, and are used through two modules of ours:
 
 - `QLinear`: for many tokens (≥ `DENSE_TOKENS` rows: on GPU every image-token
   layer of a UNet) it dequantizes the weight and runs the fp16 layer's dense
-  GEMM, so the dequantization is the only extra work (H200, refiner step: 4.8
-  of 41.2 ms of kernels); for few rows (time embeddings, text-context
-  projections) it uses `mx.quantized_matmul`, which reads 4× fewer bytes.
+  GEMM, so the dequantization is the only extra work; for few rows (time
+  embeddings, text-context projections) it uses `mx.quantized_matmul`, which
+  reads 4× fewer bytes (at 4 bits).
 - `QConv2d`: the kernel (MLX layout O, kh, kw, I) is quantized as the matrix
   (O, kh·kw·I) and dequantized just before `mx.conv2d`. About a third of the
   refiner's parameters are conv kernels, which `nn.quantize` would leave dense.
@@ -25,7 +25,6 @@ for CLIP the token embedding is under 10% of the encoder.
 from __future__ import annotations
 
 import numbers
-import time
 from typing import Optional
 
 import mlx.core as mx
@@ -33,21 +32,19 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import ConfigError
-
-BITS = (2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
+from .spec import BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES
 
 # Rows (product of the leading dims of x) from which QLinear dequantizes its
 # weight and runs a dense matmul instead of `mx.quantized_matmul`, per device.
 # GPU: dequantizing costs one pass over the weight, a GEMM 2·M·O·I flops, so
-# for M in the hundreds the extra pass is a few percent of the GEMM, while the
-# quantized GEMM is ~1.5× slower than the dense one (H200 refiner step: fp16
-# 64.7 ms, all quantized_matmul 98.3 ms, dequantize-then-matmul 66.9 ms).
-# Below 256 rows the layer is memory bound and reading packed weights wins.
-# With this, every image-token layer of the UNet at ≥ 16×16 latents takes the
-# dense path; the time embeddings and 77-token text projections the quantized one.
-# CPU: MLX's quantized_matmul costs ~9 ms per row on a 1536×1536 layer (2
-# cores, OpenBLAS dense GEMM), so from 4 rows on the dequantized GEMM is faster.
+# for M in the hundreds the extra pass is small next to the GEMM, while MLX's
+# quantized GEMM is slower than its dense one for many rows. Below 256 rows the
+# layer is memory bound and reading packed weights wins. With this, every
+# image-token layer of the UNet at ≥ 16×16 latents takes the dense path; the
+# time embeddings and 77-token text projections the quantized one.
+# CPU: MLX's quantized_matmul is slow per row next to a BLAS dense GEMM, so
+# from a few rows on the dequantized GEMM is faster.
+# (Measurements behind both thresholds: docs/performance.md, `python -m bench.quantized_layer`.)
 DENSE_TOKENS = {"gpu": 256, "cpu": 4}
 
 
@@ -91,7 +88,7 @@ class QLinear(nn.Module):
     """A Linear layer with an affine-quantized weight (see the module docstring)."""
 
     def __init__(self, input_dims: int, output_dims: int, bias: bool = True, bits: int = 4,
-                 group_size: int = 64, dtype=mx.float16):
+                 group_size: int = DEFAULT_GROUP_SIZE, dtype=mx.float16):
         super().__init__()
         check_settings(bits, group_size)
         _check_divisible("QLinear", input_dims, group_size)
@@ -103,7 +100,7 @@ class QLinear(nn.Module):
         self.freeze()
 
     @classmethod
-    def from_linear(cls, layer: nn.Linear, bits: int = 4, group_size: int = 64) -> "QLinear":
+    def from_linear(cls, layer: nn.Linear, bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE) -> "QLinear":
         out_dims, in_dims = layer.weight.shape
         q = cls(in_dims, out_dims, "bias" in layer, bits, group_size, layer.weight.dtype)
         q.weight, q.scales, q.biases = mx.quantize(layer.weight, group_size, bits)
@@ -134,7 +131,7 @@ class QConv2d(nn.Module):
     """A Conv2d whose kernel is stored quantized as the (O, kh·kw·I) matrix."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 bias: bool = True, bits: int = 4, group_size: int = 64, dtype=mx.float16):
+                 bias: bool = True, bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE, dtype=mx.float16):
         super().__init__()
         check_settings(bits, group_size)
         pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
@@ -150,7 +147,7 @@ class QConv2d(nn.Module):
         self.freeze()
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, bits: int = 4, group_size: int = 64) -> "QConv2d":
+    def from_conv(cls, conv: nn.Conv2d, bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE) -> "QConv2d":
         if conv.groups != 1:
             raise ConfigError("QConv2d: grouped convolutions are not supported; keep them dense")
         o, kh, kw, i = conv.weight.shape
@@ -207,7 +204,8 @@ def _swap_layers(model: nn.Module, make, bits: int, group_size: int, convs: bool
     return model
 
 
-def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, convs: bool = True) -> nn.Module:
+def quantize_model(model: nn.Module, bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE,
+                   convs: bool = True) -> nn.Module:
     """Quantize `model` in place: every nn.Linear (and, with `convs`, every nn.Conv2d)
     whose input size is a multiple of `group_size` is replaced by a QLinear / QConv2d.
 
@@ -224,12 +222,14 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, convs:
     return _swap_layers(model, make, bits, group_size, convs)
 
 
-def quantize_unet(unet: nn.Module, bits: int = 4, group_size: int = 64, convs: bool = True) -> nn.Module:
+def quantize_unet(unet: nn.Module, bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE,
+                  convs: bool = True) -> nn.Module:
     """Quantize a UNet2DConditionModel (linear layers and, by default, 3×3/1×1 convs)."""
     return quantize_model(unet, bits, group_size, convs)
 
 
-def prepare_quantized(model: nn.Module, bits: int = 4, group_size: int = 64, convs: bool = True) -> nn.Module:
+def prepare_quantized(model: nn.Module, bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE,
+                      convs: bool = True) -> nn.Module:
     """Swap the layers `quantize_model` would quantize for empty QLinear / QConv2d
     layers (lazy placeholders, never evaluated), ready for `model.load_weights`
     of pre-quantized weights. The dense weights are never quantized or evaluated."""
@@ -259,7 +259,7 @@ def quantization_info(model: nn.Module) -> dict:
     return {"bits": bits, "group_size": group_size, "convs": any(isinstance(m, QConv2d) for m in layers)}
 
 
-def quantized_nbytes(config_or_model, bits: Optional[int] = 4, group_size: int = 64, convs: bool = True,
+def quantized_nbytes(config_or_model, bits: Optional[int] = 4, group_size: int = DEFAULT_GROUP_SIZE, convs: bool = True,
                      dtype=mx.float16) -> int:
     """Bytes of the weights once quantized (bits=None: dense), from shapes only.
 
@@ -289,45 +289,3 @@ def quantized_nbytes(config_or_model, bits: Optional[int] = 4, group_size: int =
                 total += o * i * bits // 8 + 2 * o * (i // group_size) * item - nbytes(layer.weight)
     return total
 
-
-def bench_layer(in_dims: int = 1536, out_dims: int = 1536, tokens: int = 4096, bits: int = 4,
-                group_size: int = 64, dtype=mx.float32, repeats: int = 10) -> dict:
-    """Milliseconds per call of one (tokens × in_dims) @ (in_dims → out_dims) layer:
-    dense matmul, dequantize-then-matmul, and mx.quantized_matmul."""
-    x = mx.random.normal((tokens, in_dims)).astype(dtype)
-    w = (mx.random.normal((out_dims, in_dims)) * in_dims ** -0.5).astype(dtype)
-    q, s, b = mx.quantize(w, group_size, bits)
-    mx.eval(x, w, q, s, b)
-    ways = {
-        "dense": lambda: x @ w.T,
-        "dequant_matmul": lambda: x @ mx.dequantize(q, s, b, group_size, bits).T,
-        "quantized_matmul": lambda: mx.quantized_matmul(x, q, s, b, True, group_size, bits),
-    }
-    result = {}
-    for name, f in ways.items():
-        mx.eval(f())
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            mx.eval(f())
-        result[name] = 1e3 * (time.perf_counter() - t0) / repeats
-    return result
-
-
-def bytes_table(config=None, group_size: int = 64) -> str:
-    """A text table of UNet weight bytes per bit width (default: the SDXL refiner)."""
-    if config is None:
-        from .models.unet import UNetConfig
-        config = UNetConfig.sdxl_refiner()
-    lines = [f"{'bits':>6} {'convs+linear GB':>16} {'linear-only GB':>15}",
-             f"{'fp16':>6} {quantized_nbytes(config, None) / 1e9:>16.3f} {'':>15}"]
-    for bits in BITS:
-        lines.append(f"{bits:>6} {quantized_nbytes(config, bits, group_size, True) / 1e9:>16.3f} "
-                     f"{quantized_nbytes(config, bits, group_size, False) / 1e9:>15.3f}")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(f"SDXL refiner UNet weights, group size 64 (GB = 1e9 bytes):\n{bytes_table()}")
-    for tokens in (1, 16, 77, 256, 1024, 4096):
-        r = bench_layer(tokens=tokens)
-        print(f"1536x1536 layer, {tokens:>5} tokens: " + ", ".join(f"{k} {v:.2f} ms" for k, v in r.items()))

@@ -212,6 +212,7 @@ class Scheduler:
 
     name = ""
     is_ve = False
+    stochastic = False  # True when step() adds fresh noise (pass `noise=` or `key=`)
     config_defaults: dict = {}  # this diffusers class's defaults where they differ from Euler's
 
     def __init__(self, cfg: SchedulerConfig):
@@ -304,7 +305,7 @@ class EulerScheduler(Scheduler):
         s2p1 = s * s + f32(1.0)
         return eps * float(-s / np.sqrt(s2p1)) + x / float(s2p1)
 
-    def step(self, eps, i, x, key=None):
+    def step(self, eps, i, x, key=None, noise=None):
         self._check_index(i)
         out_dtype = eps.dtype
         eps, x = eps.astype(mx.float32), x.astype(mx.float32)
@@ -321,9 +322,10 @@ class EulerAncestralScheduler(EulerScheduler):
     """diffusers EulerAncestralDiscreteScheduler: an Euler step to sigma_down, then fresh noise sigma_up."""
 
     name = "euler_a"
+    stochastic = True
     karras = False  # diffusers' ancestral sampler has no Karras option
 
-    def step(self, eps, i, x, key=None):
+    def step(self, eps, i, x, key=None, noise=None):
         self._check_index(i)
         out_dtype = eps.dtype
         eps, x = eps.astype(mx.float32), x.astype(mx.float32)
@@ -334,7 +336,9 @@ class EulerAncestralScheduler(EulerScheduler):
         d = (x - x0) / float(s)
         x = x + d * float(s_down - s)
         if s_up > 0:
-            x = x + mx.random.normal(x.shape, dtype=mx.float32, key=key) * float(s_up)
+            if noise is None:
+                noise = mx.random.normal(x.shape, dtype=mx.float32, key=key)
+            x = x + noise.astype(mx.float32) * float(s_up)
         return x.astype(out_dtype)
 
 
@@ -381,7 +385,7 @@ class DPMSolverMultistepScheduler(Scheduler):
             return (x - float(sigma_t) * eps) / float(alpha)
         return float(alpha) * x - float(sigma_t) * eps
 
-    def step(self, eps, i, x, key=None):
+    def step(self, eps, i, x, key=None, noise=None):
         self._check_index(i)
         out_dtype = eps.dtype
         eps, x = eps.astype(mx.float32), x.astype(mx.float32)
@@ -442,7 +446,7 @@ class DDIMScheduler(Scheduler):
         final = np.sqrt((f32(1.0) - fa) / fa)
         return ts.astype(f32), np.concatenate([self.train_sigmas[ts], [final]]).astype(f32)
 
-    def step(self, eps, i, x, key=None):
+    def step(self, eps, i, x, key=None, noise=None):
         self._check_index(i)
         c = self.config
         out_dtype = eps.dtype

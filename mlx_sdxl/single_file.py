@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from .errors import ConfigError, WeightsError
+from .spec import BASE, MODEL_PARTS, REFINER
 from .weights import load_safetensors
 
-BASE, REFINER = "sdxl_base", "sdxl_refiner"
-COMPONENTS = {BASE: ("unet", "vae", "text_encoder", "text_encoder_2"),
-              REFINER: ("unet", "vae", "text_encoder_2")}
+# A checkpoint's kind is spec.BASE or spec.REFINER, the role it plays in the pipeline.
+COMPONENTS = {BASE: MODEL_PARTS, REFINER: ("unet", "vae", "text_encoder_2")}
 NUM_TIME_IDS = {BASE: 6, REFINER: 5}  # (h, w, top, left, h, w) vs (h, w, top, left, aesthetic score)
 
 # diffusers' detection keys (single_file_utils.CHECKPOINT_KEY_NAMES)
@@ -73,7 +73,7 @@ def is_ignorable(key: str) -> bool:
 
 
 def detect_checkpoint(keys: Iterable[str]) -> str:
-    """Return "sdxl_base" or "sdxl_refiner" for an SGM single-file checkpoint's tensor names."""
+    """Return BASE ("base") or REFINER ("refiner") for an SGM single-file checkpoint's tensor names."""
     keys = set(keys)
     has_unet = any(k.startswith(UNET_PREFIX) for k in keys)
     if any(k.startswith("cond_stage_model.") for k in keys) or (
@@ -336,7 +336,7 @@ def split_checkpoint(weights: Mapping, kind: Optional[str] = None) -> Tuple[Dict
               "text_encoder_2": OPEN_CLIP_PREFIX[kind]}
     missing = [f"{name} ({labels[name]}*)" for name in COMPONENTS[kind] if not subs[name]]
     if missing:
-        raise WeightsError(f"the SDXL {'base' if kind == BASE else 'refiner'} checkpoint lacks "
+        raise WeightsError(f"the SDXL {kind} checkpoint lacks "
                            f"{', '.join(missing)}; a single file must hold every model of the pipeline")
 
     lpb = _unet_layers_per_block(subs["unet"])
@@ -573,7 +573,7 @@ def infer_clip_config(w: Mapping, kind: str = "clip_l", *, head_dim: int = 64,
 class SingleFileCheckpoint:
     """A split single-file checkpoint: `components[name] = (config dict, weights)`.
 
-    `kind` is "sdxl_base" or "sdxl_refiner"; weights use diffusers / transformers-file names in
+    `kind` is BASE ("base") or REFINER ("refiner"); weights use diffusers / transformers-file names in
     PyTorch layout and are lazy. `unused` lists checkpoint keys that were not understood (the
     known-ignorable buffers excluded); callers should warn about them.
     """
@@ -585,7 +585,8 @@ class SingleFileCheckpoint:
 
     @property
     def role(self) -> str:
-        return "base" if self.kind == BASE else "refiner"
+        """The pipeline role, spec.BASE or spec.REFINER: the same as `kind`."""
+        return self.kind
 
 
 def infer_configs(components: Mapping[str, Mapping], kind: str, *, head_dim: int = 64,

@@ -12,17 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
 from .errors import WeightsError
 from .schedulers import SDXL_SCHEDULER_CONFIG
+from .spec import BASE, MODEL_PARTS, REFINER, TOKENIZERS
 from .weights import find_weights, read_config
-
-BASE, REFINER = "base", "refiner"
-MODEL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-TOKENIZERS = ("tokenizer", "tokenizer_2")
-
 
 
 @dataclass
@@ -131,12 +128,8 @@ def diffusers_folder(path, role: Optional[str] = None, variant: Optional[str] = 
         configs[name] = read_config(folder)
         files = find_weights(folder, stems[name], variant)
         fps[name] = file_fingerprint(files)
-        loaders[name] = (lambda fn, folder: (lambda dtype=None: fn(folder, dtype=dtype, variant=variant)))(
-            load_fns[name], folder)
-    tokenizers = {
-        name: (lambda folder: (lambda: load_tokenizer(folder)))(path / name)
-        for name in TOKENIZERS if (path / name).is_dir()
-    }
+        loaders[name] = partial(load_fns[name], folder, variant=variant)  # loader(dtype)
+    tokenizers = {name: partial(load_tokenizer, path / name) for name in TOKENIZERS if (path / name).is_dir()}
     sched = dict(SDXL_SCHEDULER_CONFIG)
     if (path / "scheduler" / "scheduler_config.json").is_file():
         sched = read_config(path / "scheduler", "scheduler_config.json")
@@ -212,7 +205,7 @@ def resolve_tokenizers(role: str, near: Optional[Path] = None, tokenizer=None, t
     from . import hub
     from .tokenizer import load_tokenizer
 
-    names = ["tokenizer", "tokenizer_2"] if role == BASE else ["tokenizer_2"]
+    names = list(TOKENIZERS) if role == BASE else ["tokenizer_2"]
     given = {"tokenizer": tokenizer, "tokenizer_2": tokenizer_2}
     found = {}
     for name in names:
@@ -237,7 +230,7 @@ def resolve_tokenizers(role: str, near: Optional[Path] = None, tokenizer=None, t
                 f"Pass tokenizer=<a diffusers or converted SDXL folder holding tokenizer/ and tokenizer_2/>, "
                 f"or tokenizer=/tokenizer_2= tokenizer folders, or put {name}/ beside the checkpoint"
             )
-        found[name] = (lambda p: (lambda: load_tokenizer(p)))(path)
+        found[name] = partial(load_tokenizer, path)
     return found
 
 
@@ -331,7 +324,7 @@ def converted_folder(path: Path, role: Optional[str] = None) -> ModelSource:
             loaders[name] = _mlx_layout_loader(name, folder, configs[name])
     for name in TOKENIZERS:
         if (path / name).is_dir():
-            tokenizers[name] = (lambda p: (lambda: load_tokenizer(p)))(path / name)
+            tokenizers[name] = partial(load_tokenizer, path / name)
     sched = read_config(path / "scheduler", "scheduler_config.json") if (path / "scheduler").is_dir() \
         else dict(SDXL_SCHEDULER_CONFIG)
     if "unet" not in configs or "text_encoder_2" not in configs:
@@ -362,7 +355,7 @@ def vae_source(spec) -> ModelSource:
         folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
         config = read_config(folder)
         fp = file_fingerprint(find_weights(folder, ["diffusion_pytorch_model"]))
-        loader = lambda dtype=None: load_vae(folder, dtype=dtype)  # noqa: E731
+        loader = partial(load_vae, folder)
     elif path.is_file():
         from .single_file import VAE_PREFIX, infer_vae_config, ldm_vae_to_diffusers
 

@@ -1,5 +1,5 @@
 """The benchmark (bench/, `mlx-sdxl bench`) at tiny sizes, its FLOP counter, BLAS detection,
-and the float32 CPU kernels of mlx_sdxl.models.blocks against the MLX ops they replace."""
+and the float32 CPU kernels of mlx_sdxl.models.cpu_kernels against the MLX ops they replace."""
 
 import importlib.util
 import json
@@ -13,7 +13,7 @@ import pytest
 from bench import machine
 from bench.cli import main as bench_main
 from bench.flops import text_encoder_flops, unet_flops, vae_decode_flops
-from mlx_sdxl.models import blocks
+from mlx_sdxl.models import cpu_kernels
 from mlx_sdxl.models.clip import CLIPTextConfig
 from mlx_sdxl.models.unet import UNetConfig
 from mlx_sdxl.models.vae import VAEConfig
@@ -148,7 +148,7 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-needs_cpu_kernels = pytest.mark.skipif(not blocks.use_cpu_kernels(mx.zeros((1,))),
+needs_cpu_kernels = pytest.mark.skipif(not cpu_kernels.use_cpu_kernels(mx.zeros((1,))),
                                        reason="the float32 CPU kernels are off here (no CPU backend or no g++)")
 
 
@@ -156,24 +156,24 @@ needs_cpu_kernels = pytest.mark.skipif(not blocks.use_cpu_kernels(mx.zeros((1,))
 def test_cpu_activations_equal_mlx_ops():
     x = 4 * mx.random.normal((3, 333, 257), key=mx.random.key(0))
     x = mx.concatenate([x.flatten(), mx.array([0.0, -0.0, 1e-30, -87.5, -88.5, 88.5, -200.0, 200.0, 1e4, -1e4])])
-    assert _rel(blocks.silu(x), nn.silu(x)) < 2e-7
+    assert _rel(cpu_kernels.silu(x), nn.silu(x)) < 2e-7
     h = mx.random.normal(x.shape, key=mx.random.key(1))
-    assert _rel(blocks.geglu(h, x), h * nn.gelu(x)) < 2e-7
+    assert _rel(cpu_kernels.geglu(h, x), h * nn.gelu(x)) < 2e-7
     for v in (-1e4, -200.0, -88.5, 0.0, 88.5, 1e4):  # saturation, underflow, overflow: as MLX
         v = mx.array([v])
-        assert np.allclose(blocks.silu(v), nn.silu(v), rtol=1e-6, atol=1e-30)
-        assert np.allclose(blocks.geglu(mx.ones(1), v), nn.gelu(v), rtol=1e-6, atol=1e-30)
-    assert blocks.silu(mx.zeros((2,), mx.float16)).dtype == mx.float16  # other dtypes: MLX's own ops
+        assert np.allclose(cpu_kernels.silu(v), nn.silu(v), rtol=1e-6, atol=1e-30)
+        assert np.allclose(cpu_kernels.geglu(mx.ones(1), v), nn.gelu(v), rtol=1e-6, atol=1e-30)
+    assert cpu_kernels.silu(mx.zeros((2,), mx.float16)).dtype == mx.float16  # other dtypes: MLX's own ops
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("chunk_bytes", [blocks.CPU_CHUNK_BYTES, 4096])
+@pytest.mark.parametrize("chunk_bytes", [cpu_kernels.CPU_CHUNK_BYTES, 4096])
 def test_cpu_attention_equals_fused_sdpa(monkeypatch, chunk_bytes):
-    monkeypatch.setattr(blocks, "CPU_CHUNK_BYTES", chunk_bytes)  # 4096: many query chunks
+    monkeypatch.setattr(cpu_kernels, "CPU_CHUNK_BYTES", chunk_bytes)  # 4096: many query chunks
     keys = mx.random.split(mx.random.key(2), 3)
     q, k, v = (3 * mx.random.normal((2, 3, n, 16), key=kk) for n, kk in zip((50, 77, 77), keys))
     ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25)
-    assert _rel(blocks.attention(q, k, v, 0.25), ref) < 5e-7
+    assert _rel(cpu_kernels.attention(q, k, v, 0.25), ref) < 5e-7
 
 
 @needs_cpu_kernels
@@ -185,8 +185,8 @@ def test_cpu_feed_forward_chunks_and_split_equal_the_plain_path(monkeypatch):
     w = ff.net[0].proj
     h, g = mx.split(x @ w.weight.T + w.bias, 2, axis=-1)
     ref = ff.net[2](h * nn.gelu(g))
-    for chunk in (blocks.CPU_CHUNK_BYTES, 4 * 2 * 128 * 7):  # one piece; 7 tokens at a time
-        monkeypatch.setattr(blocks, "CPU_CHUNK_BYTES", chunk)
+    for chunk in (cpu_kernels.CPU_CHUNK_BYTES, 4 * 2 * 128 * 7):  # one piece; 7 tokens at a time
+        monkeypatch.setattr(cpu_kernels, "CPU_CHUNK_BYTES", chunk)
         assert _rel(ff(x), ref) < 5e-7
 
 

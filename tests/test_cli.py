@@ -176,7 +176,7 @@ def bad_env(tmp_path, models, first):
 
 BAD = {
     "missing model path": (["--model", "{tmp}/no-such-model"], "no-such-model"),
-    "no model": ([], "--model is required"),
+    "default model not downloaded (offline)": ([], "stable-diffusion-xl-base-1.0' from the Hugging Face Hub: it is not in the local cache"),
     "size not divisible by 8": (["--model", "{base}", "--width", "65"], "--width must be a multiple of 8"),
     "steps 0": (["--model", "{base}", "--steps", "0"], "--steps must be an integer >= 1"),
     "unknown scheduler": (["--model", "{base}", "--scheduler", "plms"], "invalid choice"),
@@ -200,7 +200,8 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_exits_2_with_one_line(case, bad_env):
+def test_bad_input_exits_2_with_one_line(case, bad_env, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))  # the default model is not there
     flags, expected = BAD[case]
     flags = [f.format(**bad_env) for f in flags]
     if "--output" not in flags:

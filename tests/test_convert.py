@@ -56,7 +56,7 @@ def test_quantized_refiner_round_trip(tiny_sdxl, tmp_path):
     from mlx_sdxl.quantize import quantize_unet
 
     loaded = SDXLPipeline.from_pretrained(out, dtype=mx.float32)
-    unet = loaded._model(loaded.refiner, "unet")
+    unet = loaded.models.get(loaded.refiner, "unet")
     assert any(k.endswith("scales") for k, _ in tree_flatten(unet.parameters()))
     direct = quantize_unet(load_unet(tiny_sdxl[1] / "unet", dtype=mx.float32), bits=4, group_size=32)
     x = mx.random.normal((1, 8, 8, 4), key=mx.random.key(0))

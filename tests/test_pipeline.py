@@ -219,8 +219,8 @@ def test_refiner_as_base_refused(tiny_sdxl):
 def test_shared_parts_loaded_once(pipes):
     ours, _, _ = pipes
     ours(PROMPT, num_inference_steps=4, height=64, width=64, seed=0, output_type="latent")
-    assert ours._model(ours.refiner, "text_encoder_2") is ours._model(ours.base, "text_encoder_2")
-    assert ours._model(ours.refiner, "vae") is ours._model(ours.base, "vae")
+    assert ours.models.get(ours.refiner, "text_encoder_2") is ours.models.get(ours.base, "text_encoder_2")
+    assert ours.models.get(ours.refiner, "vae") is ours.models.get(ours.base, "vae")
 
 
 def test_low_memory_mode_releases_and_matches(pipes, tiny_sdxl):
@@ -231,18 +231,19 @@ def test_low_memory_mode_releases_and_matches(pipes, tiny_sdxl):
     mx.set_cache_limit(previous_limit)
     lean = SDXLPipeline.from_pretrained(tiny_sdxl[0], tiny_sdxl[1], dtype=mx.float32, low_memory=True)
     try:
-        np.testing.assert_array_equal(lean(PROMPT, **kw), ref)
-        loaded = {name for name, _ in lean._models}
+        result = lean.generate(PROMPT, **kw)
+        np.testing.assert_array_equal(result.images, ref)
+        loaded = {name for name, _ in lean.models.loaded()}
         assert loaded == {"vae"}, loaded  # text encoders and both UNets were released after their stage
-        assert {"base", "refiner", "decode"} <= set(lean.last_timings)
-        assert lean.last_timings["base"].peak_memory > 0
+        assert {"base", "refiner", "decode"} <= set(result.timings)
+        assert result.timings["base"].peak_memory > 0
     finally:
         assert mx.set_cache_limit(previous_limit) == 256 * 1024 * 1024  # low_memory had capped MLX's cache
 
 
 def test_nan_latents_name_the_stage_and_step(pipes, monkeypatch):
     ours, _, _ = pipes
-    unet = ours._model(ours.refiner, "unet")
+    unet = ours.models.get(ours.refiner, "unet")
     real_call = type(unet).__call__
 
     def poisoned(self, sample, *args, **kwargs):
@@ -270,17 +271,17 @@ def test_mismatched_base_and_refiner_refused(tiny_sdxl):
 
 def test_compiled_steps_match_eager(pipes, tiny_sdxl):
     ours, _, _ = pipes
-    assert ours.compile is False and ours._step_forward(ours._model(ours.base, "unet")) is \
-        ours._model(ours.base, "unet")  # op by op unless asked
+    assert ours.compile is False and ours.models.forward(ours.models.get(ours.base, "unet")) is \
+        ours.models.get(ours.base, "unet")  # op by op unless asked
     kw = dict(num_inference_steps=6, height=64, width=80, seed=5, output_type="np")
     ref = ours(PROMPT, **kw)
     compiled = SDXLPipeline.from_pretrained(tiny_sdxl[0], tiny_sdxl[1], dtype=mx.float32, compile=True)
     np.testing.assert_allclose(compiled(PROMPT, **kw), ref, atol=2e-6)
-    unet = compiled._model(compiled.base, "unet")
-    assert compiled._step_forward(unet) is compiled._step_forward(unet)  # made once per model
-    assert id(unet) in compiled._compiled
-    compiled._release(compiled.base, "unet")
-    assert id(unet) not in compiled._compiled  # dropped with its model
+    unet = compiled.models.get(compiled.base, "unet")
+    assert compiled.models.forward(unet) is compiled.models.forward(unet)  # made once per model
+    assert id(unet) in compiled.models._compiled
+    compiled.models.release(compiled.base, "unet")
+    assert id(unet) not in compiled.models._compiled  # dropped with its model
     with pytest.raises(InputError, match="compile"):
         SDXLPipeline.from_pretrained(tiny_sdxl[0], compile="yes")
 
@@ -301,6 +302,6 @@ def test_cross_attention_keys_and_values_made_once_per_stage(pipes, monkeypatch)
     monkeypatch.setattr(Attention, "kv", counted)
     ours(PROMPT, num_inference_steps=10, height=64, width=64, seed=0, output_type="np")
     for source, steps in ((ours.base, 8), (ours.refiner, 2)):
-        blocks = ours._model(source, "unet").transformer_blocks()
+        blocks = ours.models.get(source, "unet").transformer_blocks()
         assert blocks and all(calls.count(id(b.attn2)) == 1 for b in blocks)  # cross-attention: once
         assert all(calls.count(id(b.attn1)) == steps for b in blocks)  # self-attention: every step

@@ -308,7 +308,7 @@ def test_pipeline_with_4bit_refiner(tiny_sdxl):
     dense, quant = dense_pipe("a photo of a cat", **kw), q_pipe("a photo of a cat", **kw)
     unrefined = dense_pipe("a photo of a cat", **{**kw, "high_noise_frac": 1.0})
     assert any(quantization_info(m) == {"bits": 4, "group_size": 64, "convs": True}
-               for (name, _), m in q_pipe._models.items() if name == "unet")
+               for (name, _), m in q_pipe.models.items() if name == "unet")
 
     latent_err, refiner_effect = rel_l2(quant, dense), rel_l2(unrefined, dense)
     image_diff = np.abs(q_pipe.decode_latents(quant) - dense_pipe.decode_latents(dense)).mean()
@@ -328,7 +328,7 @@ def test_pipeline_base_and_text_encoder_bits(tiny_sdxl):
     q_pipe = SDXLPipeline.from_pretrained(base_dir, refiner_dir, dtype=mx.float32, base_bits=8,
                                           text_encoder_bits=8, group_size=32)
     quant = q_pipe("a photo of a cat", **kw)
-    quantized = {name for (name, _), m in q_pipe._models.items() if quantization_info(m)}
+    quantized = {name for (name, _), m in q_pipe.models.items() if quantization_info(m)}
     assert quantized == {"unet", "text_encoder", "text_encoder_2"}  # the base UNet and both encoders
     assert 0 < rel_l2(quant, dense) < 0.02
 

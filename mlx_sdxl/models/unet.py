@@ -21,13 +21,13 @@ import mlx.nn as nn
 
 from ..errors import ConfigError, InputError, WeightsError
 from ..weights import apply_weights, load_folder_weights, parse_dtype, read_config, torch_to_mlx
-from . import blocks
-from .blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D, geglu, group_norm, silu, use_cpu_kernels
+from .blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D, group_norm
+from .cpu_kernels import by_row_chunks, geglu, geglu_halves, silu
 
 DOWN_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
 
-# unet/config.json of stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0 (facts §1.1).
+# unet/config.json of stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0, as published on the hub.
 _COMMON = {
     "_class_name": "UNet2DConditionModel",
     "act_fn": "silu",
@@ -270,12 +270,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, 2 * dim_out)
 
     def __call__(self, x: mx.array) -> mx.array:
-        if use_cpu_kernels(x) and isinstance(self.proj, nn.Linear):
-            # CPU: the two halves as two matmuls, so the gate kernels read contiguous arrays
-            w, b = self.proj.weight, self.proj.bias
-            d = w.shape[0] // 2
-            return geglu(mx.addmm(b[:d], x, w[:d].T), mx.addmm(b[d:], x, w[d:].T))
-        h, gate = mx.split(self.proj(x), 2, axis=-1)
+        h, gate = geglu_halves(self.proj, x)
         return geglu(h, gate)
 
 
@@ -288,17 +283,13 @@ class FeedForward(nn.Module):
         self.net = [GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim)]
 
     def __call__(self, x: mx.array) -> mx.array:
+        def ff(t: mx.array) -> mx.array:
+            return self.net[2](self.net[0](t))
+
         dense = isinstance(self.net[0].proj, nn.Linear) and isinstance(self.net[2], nn.Linear)
-        if not (use_cpu_kernels(x) and dense):  # quantized layers would dequantize once per chunk
-            return self.net[2](self.net[0](x))
-        # CPU: a few hundred tokens at a time, so the GEGLU's two hidden halves stay
-        # small (see blocks.CPU_CHUNK_BYTES)
-        rows = x.reshape(-1, x.shape[-1])
-        step = max(1, blocks.CPU_CHUNK_BYTES // (4 * self.hidden))
-        if step >= rows.shape[0]:
-            return self.net[2](self.net[0](x))
-        out = [self.net[2](self.net[0](rows[i:i + step])) for i in range(0, rows.shape[0], step)]
-        return mx.concatenate(out, axis=0).reshape(x.shape)
+        if not dense:  # quantized layers would dequantize once per chunk
+            return ff(x)
+        return by_row_chunks(ff, x, self.hidden)  # on the CPU, the hidden activations a chunk at a time
 
 
 class BasicTransformerBlock(nn.Module):
@@ -547,9 +538,9 @@ class UNet2DConditionModel(nn.Module):
 
     def compiled(self):
         """This forward pass as one compiled MLX function, f(sample, timestep, context,
-        text_embeds, time_ids, cross_kv=None): elementwise work fuses across layers
-        (H200, fp16, 1024², batch 2: base step 45.3 vs 46.1 ms eager, refiner 43.9 vs
-        46.1 ms). It traces once per input shape; a float timestep is passed on as
+        text_embeds, time_ids, cross_kv=None): elementwise work fuses across layers,
+        so a step launches fewer kernels than the eager model (see docs/performance.md).
+        It traces once per input shape; a float timestep is passed on as
         an array, so new timestep values reuse the trace. The cross-attention keys
         and values are inputs of the compiled graph: made from `context` on each
         call unless `cross_kv` is given. Keep the returned function for as long as

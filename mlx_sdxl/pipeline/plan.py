@@ -1,0 +1,233 @@
+"""A request → a plan of stages, checked before any model loads.
+
+Text to image: the base runs the schedule from noise to the hand-off, the refiner the
+rest. The schedule of N steps is split at cutoff = round(1000 − f·1000): the base runs
+the steps with t ≥ cutoff, the refiner the others (diffusers' `denoising_end=f` then
+`denoising_start=f`). Image to image: one stage (the refiner, else the base) runs the
+last `strength` share of the schedule from the noised image.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from ..conditioning import Prompt, as_list, base_time_ids, refiner_time_ids, size_pair
+from ..errors import InputError
+from ..schedulers import Scheduler, img2img_start, make_scheduler, split_for_handoff
+from ..sources import ModelSource
+from ..spec import (BASE, DEFAULT_AESTHETIC_SCORE, DEFAULT_GUIDANCE, DEFAULT_HIGH_NOISE_FRAC,
+                    DEFAULT_NEGATIVE_AESTHETIC_SCORE, DEFAULT_SCHEDULER, DEFAULT_SIDE, DEFAULT_STEPS,
+                    DEFAULT_STRENGTH, MAX_SEED, REFINER, Seed, check_side, image_seeds, is_int)
+from .images import image_batch
+from .prompts import PromptTexts
+from .stage import Guidance, Stage, per_image_normal
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+@dataclass(frozen=True)
+class Request:
+    """Everything one generation is asked to do, as the caller gave it."""
+
+    prompt: Prompt
+    negative_prompt: Optional[Prompt] = None
+    prompt_2: Optional[Prompt] = None
+    negative_prompt_2: Optional[Prompt] = None
+    image: object = None                      # img2img input: PIL image(s) or NHWC array in [0, 1]
+    strength: float = DEFAULT_STRENGTH
+    num_inference_steps: int = DEFAULT_STEPS
+    high_noise_frac: Optional[float] = None   # text to image only; DEFAULT_HIGH_NOISE_FRAC when None
+    guidance_scale: float = DEFAULT_GUIDANCE
+    guidance_rescale: float = 0.0
+    width: Optional[int] = None               # text to image only; DEFAULT_SIDE when None
+    height: Optional[int] = None
+    num_images_per_prompt: int = 1
+    seed: Seed = None
+    latents: object = None                    # text to image: initial noise (B, h, w, C)
+    noise: object = None                      # img2img: the noise added to the image latents
+    scheduler: str = DEFAULT_SCHEDULER
+    aesthetic_score: float = DEFAULT_AESTHETIC_SCORE
+    negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE
+    original_size: Optional[Tuple[int, int]] = None
+    crops_coords_top_left: Tuple[int, int] = (0, 0)
+    target_size: Optional[Tuple[int, int]] = None
+    negative_original_size: Optional[Tuple[int, int]] = None
+    negative_crops_coords_top_left: Tuple[int, int] = (0, 0)
+    negative_target_size: Optional[Tuple[int, int]] = None
+    clip_skip: Optional[int] = None
+    sample_posterior: bool = True
+    output_type: str = "pil"
+
+    @property
+    def texts(self) -> PromptTexts:
+        return PromptTexts(self.prompt, self.negative_prompt, self.prompt_2, self.negative_prompt_2)
+
+
+@dataclass(frozen=True)
+class ImageStart:
+    """Img2img: the image's latents, noised to the first stage's first step."""
+
+    pixels: np.ndarray
+    noise: mx.array
+    posterior_keys: Optional[Tuple[mx.array, ...]]  # None: the posterior mean
+
+
+@dataclass(frozen=True)
+class Plan:
+    request: Request
+    stages: Tuple[Stage, ...]
+    seeds: List[int]
+    batch: int
+    latents: Optional[mx.array]        # text to image: the initial latents
+    image: Optional[ImageStart]        # image to image
+    settings: List[dict]               # one per image, without the models' identity
+
+
+# ---------------------------------------------------------------- checks
+def _number(value, name: str, low: float, high: float = math.inf, low_open: bool = False) -> float:
+    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        span = f"{'(' if low_open else '['}{low:g}, {high:g}]" if high < math.inf else f">= {low:g}"
+        raise InputError(f"{name} must be a number {'in ' if high < math.inf else ''}{span}, got {value!r}")
+    return float(value)
+
+
+def _check_common(req: Request, base: ModelSource) -> Scheduler:
+    if not is_int(req.num_inference_steps) or req.num_inference_steps < 1:
+        raise InputError(f"num_inference_steps must be an integer >= 1, got {req.num_inference_steps!r}")
+    _number(req.guidance_scale, "guidance_scale", 0)
+    _number(req.guidance_rescale, "guidance_rescale", 0, 1)
+    if req.output_type not in OUTPUT_TYPES:
+        raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {req.output_type!r}")
+    if not is_int(req.num_images_per_prompt) or req.num_images_per_prompt < 1:
+        raise InputError(f"num_images_per_prompt must be an integer >= 1, got {req.num_images_per_prompt!r}")
+    if req.clip_skip is not None and (not is_int(req.clip_skip) or req.clip_skip < 0):
+        raise InputError(f"clip_skip must be a non-negative integer, got {req.clip_skip!r}")
+    sched = make_scheduler(req.scheduler, base.scheduler_config)  # unknown names fail here
+    sched.set_timesteps(req.num_inference_steps)
+    return sched
+
+
+def _seed_keys(req: Request, batch: int) -> Tuple[List[int], List[mx.array]]:
+    """One seed per image, and each seed's three keys (initial noise, first stage, second stage)."""
+    seeds = image_seeds(req.seed, batch, lambda: secrets.randbelow(MAX_SEED + 1))
+    return seeds, [mx.random.split(mx.random.key(s), 3) for s in seeds]
+
+
+def _given_noise(value, shape, what: str, hint: str = "") -> mx.array:
+    noise = value if isinstance(value, mx.array) else mx.array(value)
+    if tuple(noise.shape) != tuple(shape):
+        raise InputError(f"{what} must have shape {tuple(shape)}{hint}, got {tuple(noise.shape)}")
+    return noise
+
+
+def _per_image(value, i: int, per_prompt: int):
+    """The entry of a per-prompt list that image i was made from (a string or None is kept)."""
+    if isinstance(value, (list, tuple)):
+        return value[min(i // per_prompt, len(value) - 1)]
+    return value
+
+
+def _settings(req: Request, seeds: List[int], **fields) -> List[dict]:
+    common = dict(num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
+                  guidance_rescale=req.guidance_rescale, scheduler=req.scheduler, clip_skip=req.clip_skip, **fields)
+    n = req.num_images_per_prompt
+    return [dict(common, prompt=_per_image(req.prompt, i, n),
+                 negative_prompt=_per_image(req.negative_prompt, i, n), seed=seed) for i, seed in enumerate(seeds)]
+
+
+# ---------------------------------------------------------------- plans
+def text_to_image(req: Request, base: ModelSource, refiner: Optional[ModelSource], factor: int) -> Plan:
+    prompts = as_list(req.prompt, "prompt")
+    sched = _check_common(req, base)
+    width = check_side(DEFAULT_SIDE if req.width is None else req.width, "width")
+    height = check_side(DEFAULT_SIDE if req.height is None else req.height, "height")
+    if width % factor or height % factor:
+        raise InputError(f"width and height must be multiples of {factor} for this VAE")
+    frac = _number(DEFAULT_HIGH_NOISE_FRAC if req.high_noise_frac is None else req.high_noise_frac,
+                   "high_noise_frac", 0, 1, low_open=True)
+    batch = len(prompts) * req.num_images_per_prompt
+    shape = (batch, height // factor, width // factor, base.configs["unet"].get("in_channels", 4))
+    seeds, keys = _seed_keys(req, batch)
+    if req.latents is None:
+        noise = per_image_normal(shape, [k[0] for k in keys])
+    else:
+        noise = _given_noise(req.latents, shape, "latents", f" (batch, height/{factor}, width/{factor}, {shape[3]})")
+    original = size_pair(req.original_size, (height, width), "original_size")
+    target = size_pair(req.target_size, (height, width), "target_size")
+    crops = size_pair(req.crops_coords_top_left, (0, 0), "crops_coords_top_left")
+    neg_crops = size_pair(req.negative_crops_coords_top_left, (0, 0), "negative_crops_coords_top_left")
+    neg_original = size_pair(req.negative_original_size, None, "negative_original_size")
+    neg_target = size_pair(req.negative_target_size, None, "negative_target_size")
+    aesthetic = _number(req.aesthetic_score, "aesthetic_score", -math.inf)
+    neg_aesthetic = _number(req.negative_aesthetic_score, "negative_aesthetic_score", -math.inf)
+
+    use_refiner = refiner is not None and frac < 1
+    n_total = req.num_inference_steps
+    n_base = split_for_handoff(sched.timesteps, frac) if use_refiner else n_total
+    guidance = Guidance(req.guidance_scale, req.guidance_rescale)
+    stages = []
+    if n_base > 0:
+        ids = base_time_ids(original, crops, target, neg_original, neg_crops, neg_target)
+        stages.append(Stage(BASE, base, sched, range(0, n_base), guidance, ids, tuple(k[1] for k in keys)))
+    if use_refiner and n_base < n_total:
+        rsched = make_scheduler(req.scheduler, base.scheduler_config)  # fresh: no multistep history
+        rsched.set_timesteps(n_total)
+        ids = refiner_time_ids(original, crops, aesthetic, neg_original or original, neg_crops, neg_aesthetic)
+        stages.append(Stage(REFINER, refiner, rsched, range(n_base, n_total), guidance, ids,
+                            tuple(k[2] for k in keys)))
+    settings = _settings(req, seeds, mode="generate", width=width, height=height,
+                         high_noise_frac=frac if use_refiner else None,
+                         aesthetic_score=req.aesthetic_score if use_refiner else None)
+    return Plan(req, tuple(stages), seeds, batch, noise.astype(mx.float32) * sched.init_noise_sigma, None, settings)
+
+
+def image_to_image(req: Request, base: ModelSource, refiner: Optional[ModelSource], factor: int) -> Plan:
+    prompts = as_list(req.prompt, "prompt")
+    sched = _check_common(req, base)
+    for name in ("width", "height", "high_noise_frac", "latents"):
+        if getattr(req, name) is not None:
+            raise InputError(f"{name} does not apply to image to image (the image's own size is used, "
+                             "and one model runs the last `strength` share of the schedule)")
+    strength = _number(req.strength, "strength", 0, 1, low_open=True)
+    start = img2img_start(req.num_inference_steps, strength)  # refuses a strength that leaves no step
+    pixels = image_batch(req.image, factor)
+    batch = len(prompts) * req.num_images_per_prompt
+    if pixels.shape[0] not in (1, batch):
+        raise InputError(f"got {pixels.shape[0]} images for a batch of {batch}")
+    h, w = pixels.shape[1], pixels.shape[2]
+    shape = (batch, h // factor, w // factor, base.configs["unet"].get("in_channels", 4))
+    seeds, keys = _seed_keys(req, batch)
+    noise = per_image_normal(shape, [k[1] for k in keys]) if req.noise is None else \
+        _given_noise(req.noise, shape, "noise")
+    source = refiner or base
+    original = size_pair(req.original_size, (h, w), "original_size")
+    crops = size_pair(req.crops_coords_top_left, (0, 0), "crops_coords_top_left")
+    neg_crops = size_pair(req.negative_crops_coords_top_left, (0, 0), "negative_crops_coords_top_left")
+    if source.role == REFINER:
+        neg_original = size_pair(req.negative_original_size, original, "negative_original_size")
+        ids = refiner_time_ids(original, crops, _number(req.aesthetic_score, "aesthetic_score", -math.inf),
+                               neg_original, neg_crops,
+                               _number(req.negative_aesthetic_score, "negative_aesthetic_score", -math.inf))
+    else:
+        ids = base_time_ids(original, crops, size_pair(req.target_size, (h, w), "target_size"), None, neg_crops,
+                            None)
+    stage = Stage(source.role, source, sched, range(start, req.num_inference_steps),
+                  Guidance(req.guidance_scale, req.guidance_rescale), ids, tuple(k[2] for k in keys))
+    image = ImageStart(pixels, noise, tuple(k[0] for k in keys) if req.sample_posterior else None)
+    settings = _settings(req, seeds, mode="refine", strength=strength, width=w, height=h,
+                         aesthetic_score=req.aesthetic_score if source.role == REFINER else None)
+    return Plan(req, (stage,), seeds, batch, None, image, settings)
+
+
+def make_plan(req: Request, base: ModelSource, refiner: Optional[ModelSource], factor: int) -> Plan:
+    build = text_to_image if req.image is None else image_to_image
+    return build(req, base, refiner, factor)
+

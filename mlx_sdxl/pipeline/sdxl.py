@@ -1,0 +1,262 @@
+"""SDXLPipeline: the public entry point. It loads models (through its ModelCache), turns
+each call into a Plan of stages, runs the plan, and returns a GenerationResult."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import mlx.core as mx
+
+from ..conditioning import Prompt
+from ..errors import InputError
+from ..sources import ModelSource, is_converted, open_source, vae_source
+from ..spec import (BASE, DEFAULT_AESTHETIC_SCORE, DEFAULT_GROUP_SIZE, DEFAULT_GUIDANCE, DEFAULT_HIGH_NOISE_FRAC,
+                    DEFAULT_NEGATIVE_AESTHETIC_SCORE, DEFAULT_SCHEDULER, DEFAULT_SIDE, DEFAULT_STEPS,
+                    DEFAULT_STRENGTH, DECODE, REFINER, TEXT_ENCODERS, Seed)
+from ..weights import parse_dtype
+from . import images as pixels
+from .cache import ModelCache, Quantization
+from .compat import check_compatible
+from .plan import Plan, Request, make_plan
+from .prompts import PromptTexts, encode_conditioning, encode_prompt
+from .result import GenerationResult, StageTiming
+from .stage import Callback, Cancelled
+
+LOW_MEMORY_CACHE_BYTES = 256 * 1024 * 1024
+
+
+class SDXLPipeline:
+    """SDXL base + refiner ("ensemble of expert denoisers") in MLX.
+
+    Models load lazily on first use and stay loaded (`low_memory=True` releases each as
+    soon as its stage is done, and decodes in tiles). One pipeline serves any number of
+    calls, one at a time; it is safe to call from several threads, and each call gets
+    its own GenerationResult.
+    """
+
+    def __init__(self, base: ModelSource, refiner: Optional[ModelSource] = None, *, dtype=mx.float16,
+                 refiner_bits: Optional[int] = None, low_memory: bool = False, vae: Optional[ModelSource] = None,
+                 base_bits: Optional[int] = None, text_encoder_bits: Optional[int] = None,
+                 group_size: int = DEFAULT_GROUP_SIZE, compile: bool = False):
+        if not isinstance(compile, bool):
+            raise InputError(f"compile must be True or False, got {compile!r}")
+        self.base, self.refiner = base, refiner
+        self.vae_source = vae or base
+        self.dtype = parse_dtype(dtype) or mx.float16
+        self.low_memory = low_memory
+        self.compile = compile
+        self.quantization = Quantization(base_bits, refiner_bits, text_encoder_bits, group_size)
+        check_compatible(self.base, self.refiner, self.vae_source)
+        self.models = ModelCache(self.dtype, self.quantization, compile)
+        self._lock = threading.RLock()
+        if low_memory:
+            # keep MLX's buffer cache small so memory freed by one stage is returned, not hoarded
+            mx.set_cache_limit(LOW_MEMORY_CACHE_BYTES)
+
+    @property
+    def refiner_bits(self) -> Optional[int]:
+        return self.quantization.refiner_bits
+
+    @classmethod
+    def from_pretrained(cls, base, refiner=None, *, dtype=mx.float16, refiner_bits: Optional[int] = None,
+                        low_memory: bool = False, vae=None, config=None, refiner_config=None, tokenizer=None,
+                        tokenizer_2=None, base_bits: Optional[int] = None, text_encoder_bits: Optional[int] = None,
+                        group_size: int = DEFAULT_GROUP_SIZE, compile: bool = False) -> "SDXLPipeline":
+        """Load lazily from any source: a diffusers folder, a hub id, a single-file
+        .safetensors checkpoint, or a folder written by `mlx-sdxl convert` (whose
+        refiner/ is used unless refiner=False).
+
+        `vae` replaces the VAE (folder or single file); `config` / `refiner_config`
+        override the UNet config inferred for single files; `tokenizer` /
+        `tokenizer_2` say where single files find their tokenizers. `refiner_bits`,
+        `base_bits` and `text_encoder_bits` (2, 3, 4, 5, 6 or 8, with `group_size` 32,
+        64 or 128) quantize those models as they load; pre-quantized converted
+        folders need no flag. `compile=True` runs each UNet step as one compiled MLX
+        graph (the first step of each shape pays for the compilation).
+        """
+        base_path = Path(str(base)).expanduser()
+        if refiner is None and base_path.is_dir() and (base_path / "manifest.json").is_file() \
+                and (base_path / REFINER).is_dir() and is_converted(base_path):
+            refiner = base_path / REFINER
+        if refiner is False or (isinstance(refiner, str) and refiner.lower() == "none"):
+            refiner = None
+        base_src = open_source(base, BASE, config=config, tokenizer=tokenizer, tokenizer_2=tokenizer_2)
+        near = tokenizer if tokenizer is not None else (base_path if base_path.is_dir() else None)
+        refiner_src = open_source(refiner, REFINER, config=refiner_config, tokenizer=near,
+                                  tokenizer_2=tokenizer_2) if refiner is not None else None
+        vae_src = vae_source(vae) if vae is not None else None
+        return cls(base_src, refiner_src, dtype=dtype, refiner_bits=refiner_bits, low_memory=low_memory,
+                   vae=vae_src, base_bits=base_bits, text_encoder_bits=text_encoder_bits, group_size=group_size,
+                   compile=compile)
+
+    # ------------------------------------------------------------------ parts
+    @property
+    def vae(self):
+        return self.models.get(self.vae_source, "vae")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae_source.configs["vae"]["block_out_channels"]) - 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae_source.configs["vae"].get("scaling_factor", 0.13025))
+
+    def _source(self, stage: str) -> ModelSource:
+        if stage not in (BASE, REFINER):
+            raise InputError(f"stage must be 'base' or 'refiner', got {stage!r}")
+        source = self.base if stage == BASE else self.refiner
+        if source is None:
+            raise InputError("no refiner is loaded")
+        return source
+
+    def encode_prompt(self, prompt: Prompt, negative_prompt: Optional[Prompt] = None, *, stage: str = BASE,
+                      prompt_2: Optional[Prompt] = None, negative_prompt_2: Optional[Prompt] = None,
+                      num_images_per_prompt: int = 1, clip_skip: Optional[int] = None, do_cfg: bool = True):
+        """(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled), like diffusers.
+
+        Base: CLIP-L and bigG penultimate states concatenated (B, 77, 2048); refiner:
+        bigG only (B, 77, 1280), fed `prompt`. With no negative prompt the base uses
+        zeros (force_zeros_for_empty_prompt); the refiner encodes "".
+        """
+        source = self._source(stage)
+        with self._lock:
+            return encode_prompt(self.models.get, source, PromptTexts(prompt, negative_prompt, prompt_2,
+                                                                      negative_prompt_2),
+                                 dtype=self.dtype, num_images_per_prompt=num_images_per_prompt,
+                                 clip_skip=clip_skip, do_cfg=do_cfg)
+
+    def decode_latents(self, latents: mx.array):
+        """Latents (scheduler space) → NHWC float32 images in [0, 1]."""
+        return pixels.decode_latents(self.vae, latents, self.scaling_factor, tiled=True if self.low_memory else None)
+
+    # ------------------------------------------------------------------ calls
+    def generate(self, prompt: Prompt, negative_prompt: Optional[Prompt] = None, *,
+                 prompt_2: Optional[Prompt] = None, negative_prompt_2: Optional[Prompt] = None, image=None,
+                 strength: float = DEFAULT_STRENGTH, num_inference_steps: int = DEFAULT_STEPS,
+                 high_noise_frac: Optional[float] = None, guidance_scale: float = DEFAULT_GUIDANCE,
+                 guidance_rescale: float = 0.0, width: Optional[int] = None, height: Optional[int] = None,
+                 num_images_per_prompt: int = 1, seed: Seed = None, latents=None, noise=None,
+                 scheduler: str = DEFAULT_SCHEDULER, aesthetic_score: float = DEFAULT_AESTHETIC_SCORE,
+                 negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE, original_size=None,
+                 crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
+                 negative_crops_coords_top_left=(0, 0), negative_target_size=None,
+                 clip_skip: Optional[int] = None, sample_posterior: bool = True, output_type: str = "pil",
+                 callback: Optional[Callback] = None) -> GenerationResult:
+        """Generate images and return a GenerationResult (images, seeds, settings, timings).
+
+        Without `image`: text to image at `width`×`height` (default 1024²); the base runs
+        the first `high_noise_frac` (default 0.8) of the schedule, the refiner the rest.
+        With `image`: image to image; the refiner (the base when there is none) re-runs
+        the last `strength` share of the schedule on the VAE-encoded image.
+        `seed`: one int S (images get S, S+1, ...), one per image, or None for a random one.
+        """
+        request = Request(**{k: v for k, v in locals().items() if k not in ("self", "callback")})
+        plan = make_plan(request, self.base, self.refiner, self.vae_scale_factor)  # all checks, no heavy work
+        return self._run(plan, callback)
+
+    def __call__(self, prompt: Prompt, negative_prompt: Optional[Prompt] = None, *,
+                 prompt_2: Optional[Prompt] = None, negative_prompt_2: Optional[Prompt] = None,
+                 num_inference_steps: int = DEFAULT_STEPS, high_noise_frac: float = DEFAULT_HIGH_NOISE_FRAC,
+                 guidance_scale: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0,
+                 width: int = DEFAULT_SIDE, height: int = DEFAULT_SIDE, num_images_per_prompt: int = 1,
+                 seed: Seed = None, latents=None, scheduler: str = DEFAULT_SCHEDULER,
+                 aesthetic_score: float = DEFAULT_AESTHETIC_SCORE,
+                 negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE, original_size=None,
+                 crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
+                 negative_crops_coords_top_left=(0, 0), negative_target_size=None,
+                 clip_skip: Optional[int] = None, output_type: str = "pil", callback: Optional[Callback] = None):
+        """Text to image. Returns a list of PIL images ("pil"), an NHWC float32 array in
+        [0, 1] ("np"), or the final latents ("latent"); None when a callback cancelled
+        the run. `generate` takes the same arguments and returns the whole result."""
+        return self.generate(**{k: v for k, v in locals().items() if k != "self"}).images
+
+    def refine(self, image, prompt: Prompt, negative_prompt: Optional[Prompt] = None, *,
+               strength: float = DEFAULT_STRENGTH, num_inference_steps: int = DEFAULT_STEPS,
+               guidance_scale: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0,
+               num_images_per_prompt: int = 1, seed: Seed = None, noise=None, scheduler: str = DEFAULT_SCHEDULER,
+               aesthetic_score: float = DEFAULT_AESTHETIC_SCORE,
+               negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE, original_size=None,
+               crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
+               negative_crops_coords_top_left=(0, 0), clip_skip: Optional[int] = None,
+               sample_posterior: bool = True, output_type: str = "pil", callback: Optional[Callback] = None):
+        """Img2img on an existing image with the refiner (or the base when no refiner is
+        loaded): VAE-encode, noise to the first kept step, denoise the remaining
+        `strength` share of the schedule. Returns what `__call__` returns."""
+        return self.generate(**{k: v for k, v in locals().items() if k != "self"}).images
+
+    # ------------------------------------------------------------------ running a plan
+    def _run(self, plan: Plan, callback: Optional[Callable]) -> GenerationResult:
+        timings = {}
+        settings = [self._record(s, plan) for s in plan.settings]
+        with self._lock:
+            try:
+                stages = self._condition(plan, timings)
+                x = plan.latents if plan.image is None else self._image_latents(plan, timings)
+                for stage in stages:
+                    unet = self.models.get(stage.source, "unet", timings)
+                    x, timings[stage.name] = stage.run(unet, x, callback, forward=self.models.forward(unet))
+                    del unet
+                    if self.low_memory:
+                        self.models.release(stage.source, "unet")
+                images = self._output(x, plan.request.output_type, settings, callback, timings)
+                return GenerationResult(images, plan.seeds, settings, timings)
+            except Cancelled:
+                mx.clear_cache()
+                return GenerationResult(None, plan.seeds, settings, timings, cancelled=True)
+
+    def _condition(self, plan: Plan, timings: dict) -> list:
+        """Every stage's conditioning, made before any UNet loads (so low_memory can drop the
+        text encoders first)."""
+        import dataclasses
+
+        t0 = time.perf_counter()
+        req = plan.request
+
+        def load(source, part):
+            return self.models.get(source, part, timings)
+
+        stages = [dataclasses.replace(stage, conditioning=encode_conditioning(
+            load, stage.source, req.texts, stage.time_ids, dtype=self.dtype,
+            num_images_per_prompt=req.num_images_per_prompt, clip_skip=req.clip_skip,
+            guided=stage.guidance.active)) for stage in plan.stages]
+        timings["encode"] = time.perf_counter() - t0
+        if self.low_memory:
+            for source in filter(None, (self.base, self.refiner)):
+                for part in TEXT_ENCODERS:
+                    self.models.release(source, part)
+        return stages
+
+    def _image_latents(self, plan: Plan, timings: dict) -> mx.array:
+        start = plan.image
+        vae = self.models.get(self.vae_source, "vae", timings)
+        x0 = pixels.encode_images(vae, start.pixels, self.scaling_factor, start.posterior_keys, plan.batch)
+        first = plan.stages[0]
+        return first.scheduler.add_noise(x0, start.noise.astype(mx.float32), first.steps.start)
+
+    def _output(self, x, output_type: str, settings: list, callback, timings: dict):
+        if output_type == "latent":
+            return x
+        t0 = time.perf_counter()
+        mx.reset_peak_memory()
+        vae = self.models.get(self.vae_source, "vae", timings)
+        images = pixels.decode_latents(vae, x, self.scaling_factor, tiled=True if self.low_memory else None)
+        if callback is not None and callback(DECODE, 1, 1, x) is False:
+            raise Cancelled()
+        timings[DECODE] = StageTiming(time.perf_counter() - t0, 1, mx.get_peak_memory())
+        return images if output_type == "np" else pixels.to_pil(images, settings)
+
+    def _record(self, settings: dict, plan: Plan) -> dict:
+        """What a PNG records: the request's settings, without None, plus the models used."""
+        out = {k: v for k, v in settings.items() if v is not None}
+        out.update(model=self.base.description, dtype=str(self.dtype).replace("mlx.core.", ""))
+        if any(stage.name == REFINER for stage in plan.stages):
+            out["refiner"] = self.refiner.description
+            if self.refiner_bits:
+                out["refiner_bits"] = self.refiner_bits
+        if self.vae_source is not self.base:
+            out["vae"] = self.vae_source.description
+        return out

@@ -1,0 +1,79 @@
+"""What mlx_sdxl knows and accepts, each fact defined once.
+
+The pipeline, the command line, `convert/` and `bench/` all read these names and
+rules, so a limit or a name changes in one place.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import List, Sequence, Union
+
+from .errors import InputError
+
+# ---------------------------------------------------------------- names
+BASE, REFINER = "base", "refiner"          # the two SDXL models, and the stages they run
+DECODE = "decode"                          # the VAE stage, as progress callbacks name it
+STAGES = (BASE, REFINER)
+MODEL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+TOKENIZERS = ("tokenizer", "tokenizer_2")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+# The official weights, used when no model is named.
+DEFAULT_BASE_ID = "stabilityai/stable-diffusion-xl-base-1.0"
+DEFAULT_REFINER_ID = "stabilityai/stable-diffusion-xl-refiner-1.0"
+
+# ---------------------------------------------------------------- generation defaults
+DEFAULT_STEPS = 40
+DEFAULT_GUIDANCE = 5.0
+DEFAULT_HIGH_NOISE_FRAC = 0.8      # the base runs this share of the schedule, the refiner the rest
+DEFAULT_STRENGTH = 0.3             # img2img: the share of the schedule re-run
+DEFAULT_SCHEDULER = "euler"
+DEFAULT_AESTHETIC_SCORE = 6.0      # refiner conditioning (positive / negative branch)
+DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
+
+# ---------------------------------------------------------------- quantization
+BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 64
+
+# ---------------------------------------------------------------- sizes
+SIZE_MULTIPLE = 8      # the VAE halves the image three times
+MIN_SIDE = 64
+DEFAULT_SIDE = 1024
+
+# ---------------------------------------------------------------- seeds
+MAX_SEED = 2**32 - 1   # seeds are 32-bit unsigned, as in A1111 and ComfyUI
+
+Seed = Union[int, Sequence[int], None]
+
+
+def is_int(value) -> bool:
+    """A real integer (numpy integers too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_side(value, name: str) -> int:
+    """An image side: an integer, a multiple of SIZE_MULTIPLE, at least MIN_SIDE."""
+    if not is_int(value) or value < MIN_SIDE or value % SIZE_MULTIPLE:
+        raise InputError(f"{name} must be a multiple of {SIZE_MULTIPLE} and at least {MIN_SIDE}, got {value!r}")
+    return int(value)
+
+
+def check_seed(value, name: str = "seed") -> int:
+    if not is_int(value) or not 0 <= value <= MAX_SEED:
+        raise InputError(f"{name} must be an integer in [0, {MAX_SEED}], got {value!r}")
+    return int(value)
+
+
+def image_seeds(seed: Seed, count: int, draw) -> List[int]:
+    """One seed per image: a list is used as given (one per image); one seed S gives
+    S, S+1, ... (wrapping at MAX_SEED); None draws S with `draw()`."""
+    if isinstance(seed, (list, tuple)):
+        seeds = [check_seed(s, "each seed") for s in seed]
+        if len(seeds) != count:
+            raise InputError(f"got {len(seeds)} seeds for {count} images; give one seed or one per image")
+        return seeds
+    first = check_seed(draw() if seed is None else seed)
+    return [(first + i) % (MAX_SEED + 1) for i in range(count)]
+
