@@ -7,6 +7,7 @@ import sys
 from typing import List, Optional
 
 from mlx_sdxl.errors import SDXLError
+from mlx_sdxl.signals import report, terminate_as_interrupt
 from mlx_sdxl.spec import BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES
 
 
@@ -27,16 +28,30 @@ def build_parser(prog: str = "python -m convert") -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None, prog: str = "python -m convert") -> int:
-    args = build_parser(prog).parse_args(argv)
-    from .export import convert
+def _error(prog: str, e: Exception) -> int:
+    """One `PROG: error: ...` line (multi-line messages are joined); exit status 2."""
+    if isinstance(e, OSError) and e.filename is not None:
+        message = f"{e.filename}: {e.strerror or e}"
+    else:
+        message = str(e)
+    print(f"{prog}: error: " + " ".join(message.split()), file=sys.stderr)
+    return 2
 
+
+def main(argv: Optional[List[str]] = None, prog: str = "python -m convert") -> int:
+    """Run a conversion. Exit status: 0 done, 2 bad input or a failed write (one error line),
+    130 / 143 / 129 for Ctrl-C / SIGTERM / SIGHUP; nothing partial is ever left behind."""
+    args = build_parser(prog).parse_args(argv)
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    try:
-        convert(args.base, args.out, refiner=args.refiner, vae=args.vae, dtype=args.dtype,
-                refiner_bits=args.refiner_bits, base_bits=args.base_bits, group_size=args.group_size,
-                convs=not args.linear_only, overwrite=args.overwrite, tokenizer=args.tokenizer, log=log)
-    except (SDXLError, OSError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+    with terminate_as_interrupt():
+        try:
+            from .export import convert
+
+            convert(args.base, args.out, refiner=args.refiner, vae=args.vae, dtype=args.dtype,
+                    refiner_bits=args.refiner_bits, base_bits=args.base_bits, group_size=args.group_size,
+                    convs=not args.linear_only, overwrite=args.overwrite, tokenizer=args.tokenizer, log=log)
+        except (SDXLError, OSError) as e:
+            return _error(prog, e)
+        except KeyboardInterrupt as e:  # Ctrl-C, and SIGTERM / SIGHUP as signals.Terminated
+            return report(prog, e)
     return 0

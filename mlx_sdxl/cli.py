@@ -16,20 +16,24 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import secrets
 import sys
 import time
+import unicodedata
 from pathlib import Path
 from typing import List, Optional
 
 from .errors import InputError, SDXLError
-from .metadata import attach_metadata, default_filename, read_metadata, save_png
+from .metadata import default_filename, read_metadata, save_png
 from .progress import Progress
 from .schedulers import SCHEDULERS
-from .spec import (BITS, DEFAULT_BASE_ID, DEFAULT_GUIDANCE, DEFAULT_HIGH_NOISE_FRAC, DEFAULT_REFINER_ID,
+from .identity import MODEL_KEYS, MODELS_DIR_ENV, image_field, locate, models_dir, source_fields
+from .spec import (BITS, DEFAULT_BASE_ID, DEFAULT_MAX_MEGAPIXELS, DEFAULT_METADATA, MAX_IMAGES, METADATA_MODES, DEFAULT_GUIDANCE, DEFAULT_HIGH_NOISE_FRAC, DEFAULT_REFINER_ID,
                    DEFAULT_SCHEDULER, DEFAULT_SIDE, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_SEED, MIN_SIDE,
-                   SIZE_MULTIPLE, is_int)
+                   SIZE_MULTIPLE, check_image_count, check_pixels, is_int)
+from .spec import CLI_PROMPT_SYNTAX, PROMPT_SYNTAXES
 from .version import __version__
 
 PROG = "mlx-sdxl"
@@ -55,6 +59,7 @@ DEFAULTS = {
     "dtype": None,  # float16 on GPU backends, float32 on the CPU backend
     "image": None,
     "strength": DEFAULT_STRENGTH,
+    "prompt_syntax": CLI_PROMPT_SYNTAX,
 }
 # Recorded names that are display names, not loadable paths, when they come from another tool's infotext.
 _NAME_ONLY = ("model", "refiner", "vae")
@@ -107,6 +112,15 @@ def _add_generate(sub) -> None:
     g.add_argument("--negative-prompt", dest="negative_prompt", metavar="TEXT")
     g.add_argument("--from", dest="from_image", metavar="IMAGE",
                    help="re-run the settings stored in IMAGE; flags given here override them")
+    g.add_argument("--prompt-syntax", dest="prompt_syntax", choices=sorted(PROMPT_SYNTAXES),
+                   help=f"'a1111': (emphasis:1.2), [less], BREAK and prompts past 77 tokens, as AUTOMATIC1111 reads "
+                        f"them; 'plain': the text as written, cut at 77 tokens, as diffusers (default "
+                        f"{CLI_PROMPT_SYNTAX})")
+    g.add_argument("--embedding", dest="embeddings", action="append", default=[], metavar="PATH",
+                   help="load an SDXL textual-inversion embedding (.safetensors with clip_l and clip_g); its "
+                        "file name (without .safetensors) is the word that uses it in a prompt; repeatable")
+    g.add_argument("--embedding-dir", dest="embedding_dir", metavar="DIR",
+                   help="load the embeddings in DIR whose names the prompt or negative prompt use")
 
     m = g.add_argument_group("models")
     m.add_argument("--model", metavar="ID|PATH",
@@ -148,6 +162,13 @@ def _add_generate(sub) -> None:
                    help="a .png file (one image) or a directory (default: the current directory)")
     o.add_argument("--overwrite", action="store_true", help="replace existing files")
     o.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    o.add_argument("--metadata", choices=METADATA_MODES, default=DEFAULT_METADATA,
+                   help="what each PNG records: 'minimal' = settings and model names/hashes, no paths (default); "
+                        "'full' = local paths too; 'none' = nothing")
+    m.add_argument("--models-dir", dest="models_dir", metavar="DIR",
+                   help=f"where model names recorded in a --from image are looked up (default ${MODELS_DIR_ENV})")
+    z.add_argument("--max-megapixels", dest="max_megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
+                   metavar="MP", help=f"refuse larger images (default {DEFAULT_MAX_MEGAPIXELS:g} = 2048x2048)")
 
     r = g.add_argument_group("refining an existing image")
     r.add_argument("--image", metavar="PATH", help="img2img: refine this image instead of starting from noise")
@@ -155,14 +176,6 @@ def _add_generate(sub) -> None:
 
 
 # ---------------------------------------------------------------- settings
-def _local_path(spec):
-    """Absolute path for things that exist locally (so --from works from any directory); else unchanged."""
-    if spec is None:
-        return None
-    path = Path(str(spec)).expanduser()
-    return str(path.resolve()) if path.exists() else str(spec)
-
-
 def resolve_settings(args) -> tuple:
     """(settings, seeds, explicit keys) from DEFAULTS, the --from image, and the flags given."""
     settings = dict(DEFAULTS)
@@ -175,6 +188,10 @@ def resolve_settings(args) -> tuple:
                 settings[key] = recorded[key]
         if recorded.get("seed") is not None:
             seeds = [recorded["seed"]]
+        settings["model_hash"] = recorded.get("model_hash")  # checked against the model found for it
+        if not foreign and "prompt_syntax" not in recorded:  # made before prompt syntaxes existed
+            settings["prompt_syntax"] = "plain"
+        settings["embeddings"] = recorded.get("embeddings")  # compared with the embeddings loaded
     explicit = {k for k in DEFAULTS if getattr(args, k, None) is not None}
     for key in explicit:
         settings[key] = getattr(args, key)
@@ -194,9 +211,12 @@ def _check_int(value, low, flag):
         raise CLIError(f"{flag} must be an integer >= {low}, got {value!r}")
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_fraction(value, flag, allow_zero=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            (0 <= value if allow_zero else 0 < value) and value <= 1):
+    if not _is_number(value) or not ((0 <= value if allow_zero else 0 < value) and value <= 1):
         raise CLIError(f"{flag} must be in {'[0' if allow_zero else '(0'}, 1], got {value!r}")
 
 
@@ -221,10 +241,13 @@ def validate(settings: dict, explicit: set, args) -> None:
     if "strength" in explicit and not refine:
         raise CLIError("--strength needs --image (it sets how much of an existing image is re-done)")
     g = settings["guidance_scale"]
-    if isinstance(g, bool) or not isinstance(g, (int, float)) or g < 0:
-        raise CLIError(f"--guidance must be a number >= 0, got {g!r}")
+    if not _is_number(g) or g < 0:
+        raise CLIError(f"--guidance must be a finite number >= 0, got {g!r}")
+    _check_fraction(settings["guidance_rescale"], "guidance_rescale", allow_zero=True)
     if settings["scheduler"] not in SCHEDULERS:
         raise CLIError(f"unknown scheduler {settings['scheduler']!r}; accepted: {', '.join(SCHEDULERS)}")
+    if settings["prompt_syntax"] not in PROMPT_SYNTAXES:
+        raise CLIError(f"unknown prompt syntax {settings['prompt_syntax']!r}; accepted: {', '.join(PROMPT_SYNTAXES)}")
     if settings["dtype"] is not None and settings["dtype"] not in DTYPES:
         raise CLIError(f"unknown dtype {settings['dtype']!r}; accepted: {', '.join(DTYPES)}")
     if settings["refiner"] is None:
@@ -235,9 +258,15 @@ def validate(settings: dict, explicit: set, args) -> None:
         raise CLIError(f"--refiner-bits must be one of {BITS}, got {settings['refiner_bits']!r}")
     if args.n_images is not None:
         _check_int(args.n_images, 1, "--n-images")
+    if not _is_number(args.max_megapixels) or args.max_megapixels <= 0:
+        raise CLIError(f"--max-megapixels must be a positive number, got {args.max_megapixels!r}")
+    if not refine:
+        check_pixels(settings["width"], settings["height"], args.max_megapixels)
 
 
 def resolve_seeds(seeds: Optional[List[int]], n_images: Optional[int]) -> List[int]:
+    if n_images is not None and n_images > MAX_IMAGES:
+        raise CLIError(f"--n-images {n_images}: at most {MAX_IMAGES} images per run")
     if seeds is None:
         return [secrets.randbelow(MAX_SEED + 1) for _ in range(n_images or 1)]
     if n_images is not None and n_images != len(seeds):
@@ -248,6 +277,7 @@ def resolve_seeds(seeds: Optional[List[int]], n_images: Optional[int]) -> List[i
     for s in seeds:
         if not is_int(s) or not 0 <= s <= MAX_SEED:
             raise CLIError(f"seeds must be integers in [0, {MAX_SEED}], got {s!r}")
+    check_image_count(len(seeds))
     return seeds
 
 
@@ -285,17 +315,32 @@ def output_paths(output: Optional[str], prompt: str, seeds: List[int], overwrite
     return paths
 
 
-def open_image(path: str):
+def open_image(path: str, max_megapixels: float):
+    """The --image, checked for size from its header before its pixels are decoded."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
+            _check_image_size(path, im.size, max_megapixels)
             im.load()
-            return im.convert("RGB")
+            return im.copy()
     except FileNotFoundError:
         raise InputError(f"--image {path}: file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except Image.DecompressionBombError:
+        raise InputError(f"--image {path} has too many pixels to be opened safely") from None
+    except (UnidentifiedImageError, OSError) as e:
         raise InputError(f"--image {path} is not a readable image ({e.__class__.__name__})") from None
+    except ValueError as e:
+        if isinstance(e, SDXLError):
+            raise
+        raise InputError(f"--image {path} is not a readable image ({e.__class__.__name__})") from None
+
+
+def _check_image_size(path: str, size, max_megapixels: float) -> None:
+    w, h = size
+    if w < MIN_SIDE or h < MIN_SIDE:
+        raise InputError(f"--image {path} is {w}x{h}; it must be at least {MIN_SIDE}x{MIN_SIDE}")
+    check_pixels(w, h, max_megapixels, f"--image {path}")
 
 
 # ---------------------------------------------------------------- commands
@@ -304,9 +349,13 @@ def cmd_generate(args) -> int:
     validate(settings, explicit, args)
     seeds = resolve_seeds(seeds, args.n_images)
     paths = output_paths(args.output, settings["prompt"], seeds, args.overwrite)
-    source_image = open_image(settings["image"]) if settings["image"] is not None else None
-    for key in ("model", "refiner", "vae", "image"):
-        settings[key] = _local_path(settings[key])
+    if "image" not in explicit and settings["image"] is not None and not Path(settings["image"]).expanduser().exists():
+        raise CLIError(f"the image was refined from {settings['image']!r}, which is not here; pass --image PATH")
+    source_image = open_image(settings["image"], args.max_megapixels) if settings["image"] is not None else None
+    folder = models_dir(args.models_dir)
+    for key in MODEL_KEYS:
+        if settings[key] is not None:
+            settings[key] = locate(settings[key], key, folder, recorded=bool(args.from_image) and key not in explicit)
     settings["dtype"] = settings["dtype"] or default_dtype()
     refine = source_image is not None
     settings["mode"] = "refine" if refine else "generate"
@@ -323,6 +372,10 @@ def cmd_generate(args) -> int:
         refiner_bits=settings["refiner_bits"], low_memory=bool(settings["low_memory"]), vae=settings["vae"],
         compile=args.compile)
     progress.timings = pipe.models.load_seconds.copy
+    _load_embeddings(pipe, args, settings, progress)
+    recorded_hash = "model" not in explicit and settings.pop("model_hash", None)
+    if recorded_hash and recorded_hash != pipe.base.short_hash:
+        progress.log(f"note: {pipe.base.name} has hash {pipe.base.short_hash}, the image recorded {recorded_hash}")
     what = (f"refine {source_image.width}x{source_image.height} image, strength {settings['strength']}" if refine
             else f"{settings['width']}x{settings['height']}")
     progress.log(f"{PROG} {__version__}: {what}, {settings['num_inference_steps']} steps {settings['scheduler']}, "
@@ -334,17 +387,33 @@ def cmd_generate(args) -> int:
             progress.begin()
             if len(seeds) > 1:
                 progress.log(f"image {n}/{len(seeds)}, seed {seed}")
-            _generate_one(pipe, settings, source_image, seed, path, progress, args.overwrite)
+            _generate_one(pipe, settings, source_image, seed, path, progress, args)
     finally:
         progress.end()  # a bar cut short by Ctrl-C or an error still gets its newline
     return 0
 
 
-def _generate_one(pipe, settings, source_image, seed, path, progress, overwrite) -> None:
+def _load_embeddings(pipe, args, settings: dict, progress) -> None:
+    """--embedding files, then the --embedding-dir files the prompts name; a note when the
+    --from image used embeddings that are not loaded now."""
+    from .embeddings import named_in
+
+    texts = [settings["prompt"], settings["negative_prompt"]]
+    found = named_in(args.embedding_dir, texts) if args.embedding_dir else []
+    for path in [*args.embeddings, *found]:
+        pipe.load_embedding(path)
+    missing = sorted(set(settings.pop("embeddings", None) or {}) - {e.token for e in pipe.embeddings})
+    if missing:
+        progress.log(f"note: the image used the embeddings {', '.join(missing)}, which are not loaded now "
+                     "(--embedding PATH or --embedding-dir DIR)")
+
+
+def _generate_one(pipe, settings, source_image, seed, path, progress, args) -> None:
     t0 = time.perf_counter()
     common = dict(num_inference_steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
                   guidance_rescale=settings["guidance_rescale"], scheduler=settings["scheduler"],
-                  seed=seed, callback=progress)
+                  seed=seed, callback=progress, max_megapixels=args.max_megapixels, metadata=args.metadata,
+                  prompt_syntax=settings["prompt_syntax"])
     if source_image is not None:
         result = pipe.generate(settings["prompt"], settings["negative_prompt"], image=source_image,
                                strength=settings["strength"], **common)
@@ -355,26 +424,50 @@ def _generate_one(pipe, settings, source_image, seed, path, progress, overwrite)
     if result.cancelled:  # only a callback can cancel; ours never does
         raise InputError("generation was cancelled")
     image = result.images[0]
-    record = dict(settings, seed=seed, width=image.width, height=image.height)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_png(attach_metadata(image, record), path, overwrite=overwrite)
+    if result.settings[0].get("embeddings"):  # {token: short hash} of those the prompts used
+        settings = dict(settings, embeddings=result.settings[0]["embeddings"])
+    save_png(image, path, record(settings, pipe, args.metadata, seed, image), overwrite=args.overwrite)
     progress.summary(result.timings, time.perf_counter() - t0)
     print(path, flush=True)
+
+
+def record(settings: dict, pipe, mode: str, seed: int, image) -> dict:
+    """What the PNG records for this run (empty for --metadata none): the settings, with the
+    models named as the metadata mode says (see mlx_sdxl/identity.py)."""
+    if mode == "none":
+        return {}
+    out = dict(settings, seed=seed, width=image.width, height=image.height,
+               image=image_field(settings["image"], mode))
+    used = {"model": pipe.base, "refiner": pipe.refiner if settings["refiner"] else None,
+            "vae": pipe.vae_source if settings["vae"] else None}
+    for key, source in used.items():
+        out.pop(f"{key}_hash", None)
+        out[key] = None
+        if source is not None:
+            out.update(source_fields(key, source, mode))
+    return out
+
+
+def printable(text: str) -> str:
+    """`text` with control and format characters escaped, so a crafted PNG cannot drive the terminal."""
+    return "".join(c if c == " " or not unicodedata.category(c).startswith(("C", "Z")) else
+                   c.encode("unicode_escape").decode("ascii") for c in str(text))
 
 
 def cmd_info(args) -> int:
     settings = read_metadata(args.image)
     if args.json:
-        print(json.dumps(settings, indent=2, sort_keys=True))
+        print(json.dumps(settings, indent=2, sort_keys=True))  # JSON escapes control characters itself
         return 0
-    width = max(len(k) for k in settings)
+    width = max((len(printable(k)) for k in settings), default=0)
     for key in sorted(settings):
         value = settings[key]
         if value is None:
             continue
         if isinstance(value, (dict, list)):
             value = json.dumps(value)
-        print(f"{key:<{width}}  {value}")
+        print(f"{printable(key):<{width}}  {printable(value)}")
     return 0
 
 
@@ -410,18 +503,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    try:
-        if args.command == "info":
-            return cmd_info(args)
-        return cmd_generate(args)
-    except SDXLError as e:
-        return _fail(str(e))
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        return _fail(f"{where}{e.strerror or e}")
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    from .signals import report, terminate_as_interrupt
+
+    with terminate_as_interrupt():  # SIGTERM / SIGHUP unwind like Ctrl-C, so temporaries are removed
+        try:
+            if args.command == "info":
+                return cmd_info(args)
+            return cmd_generate(args)
+        except SDXLError as e:
+            return _fail(str(e))
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            return _fail(f"{where}{e.strerror or e}")
+        except KeyboardInterrupt as e:  # Ctrl-C 130; signals.Terminated: SIGTERM 143, SIGHUP 129
+            return report(PROG, e)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,16 @@ Every PNG carries two text chunks:
 
 Settings use the pipeline's argument names (``prompt``, ``negative_prompt``,
 ``num_inference_steps``, ``guidance_scale``, ``high_noise_frac``, ``scheduler``,
-``seed``, ``width``, ``height``, ...) plus ``model``, ``refiner``, ``vae``,
-``dtype``, ``mode`` ("generate" or "refine"), ``image`` and ``strength``.
+``seed``, ``width``, ``height``, ``prompt_syntax``, ...) plus ``model``, ``refiner``, ``vae``,
+``dtype``, ``mode`` ("generate" or "refine"), ``image`` and ``strength``, and
+``embeddings`` ({token: short hash}, A1111's ``TI hashes``) when a prompt used any.
+The prompt is recorded exactly as written, weights and BREAK included.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -50,9 +53,11 @@ def _jsonable(value):
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, np.generic):
-        return value.item()
+        return _jsonable(value.item())
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/inf; the settings checks refuse them before any run anyway
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)  # dtypes and other small objects: their readable name
@@ -107,6 +112,8 @@ def format_parameters(settings: dict) -> str:
         fields += [("Refiner", model_name(s["refiner"])), ("Refiner switch at", s.get("high_noise_frac"))]
     if s.get("guidance_rescale"):
         fields.append(("Guidance rescale", s["guidance_rescale"]))
+    if s.get("embeddings"):  # A1111's "TI hashes": "token: short hash, ..." of the embeddings used
+        fields.append(("TI hashes", ", ".join(f"{token}: {h}" for token, h in s["embeddings"].items())))
     fields.append(("Version", f"mlx-sdxl {s.get('version', __version__)}"))
     lines.append(", ".join(f"{k}: {_quote(_num(v))}" for k, v in fields if v is not None))
     return "\n".join(lines)
@@ -159,6 +166,9 @@ def parse_parameters(text: str) -> dict:
                 if fields.get("Schedule type", "").lower() == "karras":
                     sampler += " karras"
                 out["scheduler"] = _FROM_A1111.get(sampler, value)
+            elif key == "TI hashes":  # "token: hash, token: hash"
+                pairs = [part.split(":") for part in value.split(",")]
+                out["embeddings"] = {token.strip(): h.strip() for token, h in pairs}
             else:
                 extra[key] = value
         except ValueError:
@@ -175,7 +185,7 @@ def attach_metadata(image, settings: dict):
     """Record `settings` in `image.info` (both chunks' text) and return the same image."""
     settings = normalize_settings(settings)
     image.info[PARAMETERS_KEY] = format_parameters(settings)
-    image.info[JSON_KEY] = json.dumps(settings, ensure_ascii=True, sort_keys=True)
+    image.info[JSON_KEY] = json.dumps(settings, ensure_ascii=True, sort_keys=True, allow_nan=False)
     return image
 
 
@@ -187,9 +197,13 @@ def image_settings(image) -> Optional[dict]:
         info.update(text)
     if JSON_KEY in info:
         try:
-            return json.loads(info[JSON_KEY])
-        except json.JSONDecodeError:
+            settings = json.loads(info[JSON_KEY])
+        except (json.JSONDecodeError, RecursionError):
             raise InputError(f"the image's {JSON_KEY!r} chunk is not valid JSON") from None
+        if not isinstance(settings, dict):
+            raise InputError(f"the image's {JSON_KEY!r} chunk holds a JSON {type(settings).__name__}, "
+                             "not the object of settings mlx-sdxl writes")
+        return settings
     if PARAMETERS_KEY in info:
         return parse_parameters(info[PARAMETERS_KEY])
     return None
@@ -202,39 +216,67 @@ def pnginfo(settings: dict):
     settings = normalize_settings(settings)
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, format_parameters(settings))  # iTXt when not latin-1
-    info.add_text(JSON_KEY, json.dumps(settings, ensure_ascii=True, sort_keys=True))
+    info.add_text(JSON_KEY, json.dumps(settings, ensure_ascii=True, sort_keys=True, allow_nan=False))
     return info
+
+
+def _open_temp(fd: int):
+    """The file object save_png writes through (a test replaces it to simulate a full disk)."""
+    return os.fdopen(fd, "wb")
 
 
 def save_png(image, path, settings: Optional[dict] = None, *, overwrite: bool = False) -> Path:
     """Write `image` as a PNG with its settings, atomically (temp file + os.replace).
 
     `settings` defaults to what `attach_metadata` stored on the image. An
-    existing file raises FileExistsError unless `overwrite=True`.
+    existing file raises FileExistsError unless `overwrite=True`. The temporary,
+    `.NAME.png.<pid>.<random>.tmp` beside `path`, is removed on any error or
+    interruption (SIGTERM/SIGHUP too, inside signals.terminate_as_interrupt), and
+    temporaries of dead processes in that folder are removed first. An OSError
+    (a full disk, ...) names `path`.
     """
+    from .signals import deferred
+    from .tempfiles import png_temp_prefix, remove_stale
+
     path = Path(path)
     if settings is None:
         settings = image_settings(image)
     if not overwrite and path.exists():
         raise FileExistsError(17, "file exists; pass overwrite=True to replace it", str(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale(path.parent)
+    tmp = f = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            kw = {"pnginfo": pnginfo(settings)} if settings else {}
-            image.save(f, format="PNG", **kw)
+        with deferred():  # a signal cannot land between creating the temporary and knowing its name
+            fd, tmp = tempfile.mkstemp(prefix=png_temp_prefix(path), suffix=".tmp", dir=path.parent)
+            f = _open_temp(fd)
+        with f:
+            image.save(f, format="PNG", **({"pnginfo": pnginfo(settings)} if settings else {}))
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         if not overwrite and path.exists():
             raise FileExistsError(17, "file exists; pass overwrite=True to replace it", str(path))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        _discard(f, tmp)
+        if isinstance(e, OSError) and e.filename != str(path):
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
+    return path
+
+
+def _discard(f, tmp: Optional[str]) -> None:
+    """Close and remove a temporary after a failed save, quietly."""
+    try:
+        if f is not None:
+            f.close()
+    except OSError:  # closing flushes, which fails again on a full disk
+        pass
+    if tmp is not None:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise
-    return path
 
 
 def read_metadata(path) -> dict:

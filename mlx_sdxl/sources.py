@@ -9,17 +9,18 @@ cases.
 
 from __future__ import annotations
 
+import errno
 import hashlib
-import json
+import os
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
-from .errors import WeightsError
+from .errors import SDXLError, WeightsError
 from .schedulers import SDXL_SCHEDULER_CONFIG
 from .spec import BASE, MODEL_PARTS, REFINER, TOKENIZERS
-from .weights import find_weights, read_config
+from .weights import find_weights, read_config, read_json_object
 
 
 @dataclass
@@ -42,6 +43,17 @@ class ModelSource:
     force_zeros_for_empty_prompt: bool = True
     requires_aesthetics_score: bool = False
     quantization: Dict[str, dict] = field(default_factory=dict)  # part → {"bits", "group_size", "convs"}
+    name: str = ""  # what image metadata records: the hub id, or the file or folder name (no path)
+
+    def __post_init__(self):
+        if not self.name:
+            self.name = _display_name(Path(self.description))
+
+    @property
+    def short_hash(self) -> str:
+        """10 hex digits identifying the weights (from the parts' fingerprints)."""
+        text = "".join(f"{k}={self.fingerprints[k]};" for k in sorted(self.fingerprints))
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
 
     def has(self, name: str) -> bool:
         return name in self.loaders or name in self.tokenizers
@@ -55,6 +67,22 @@ class ModelSource:
         if name not in self.tokenizers:
             raise WeightsError(f"the {self.role} model ({self.description}) has no {name}")
         return self.tokenizers[name]()
+
+
+def _display_name(path: Path) -> str:
+    """A converted folder's base/ or refiner/ is named after the folder holding it."""
+    if path.name in (BASE, REFINER) and (path.parent / "manifest.json").is_file():
+        return path.parent.name
+    return path.name
+
+
+def check_not_a_loop(path: Path) -> None:
+    """A symlink loop is reported as one (pathlib would just say it does not exist)."""
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise WeightsError(f"{path} is a symlink loop (it links back to itself)") from None
 
 
 def role_of(unet_config: dict, pooled_dim: int) -> str:
@@ -109,6 +137,8 @@ def diffusers_folder(path, role: Optional[str] = None, variant: Optional[str] = 
     from .tokenizer import load_tokenizer
 
     path = Path(path)
+    for name in (*MODEL_PARTS, *TOKENIZERS):
+        check_not_a_loop(path / name)
     if not (path / "unet").is_dir():
         present = ", ".join(sorted(p.name for p in path.iterdir())) if path.is_dir() else "nothing"
         raise WeightsError(f"{path} is not a diffusers SDXL folder: it has no unet/ (found: {present})")
@@ -122,7 +152,8 @@ def diffusers_folder(path, role: Optional[str] = None, variant: Optional[str] = 
     configs, loaders, fps = {}, {}, {}
     for name in MODEL_PARTS:
         folder = path / name
-        listed_as_null = bool(index) and index.get(name, [None, None])[0] is None
+        entry = index.get(name, [None, None])
+        listed_as_null = bool(index) and (entry is None or isinstance(entry, list) and entry[:1] == [None])
         if not folder.is_dir() or listed_as_null:
             continue
         configs[name] = read_config(folder)
@@ -244,9 +275,9 @@ def _config_override(config) -> Optional[dict]:
     if path.is_dir():
         path = path / "config.json"
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise WeightsError(f"config override {config}: not a readable config.json ({e})") from None
+        return read_json_object(path, "a UNet config.json")
+    except WeightsError as e:
+        raise WeightsError(f"config override {config}: {e}") from None
 
 
 def single_file_source(path, role: Optional[str] = None, *, config=None, tokenizer=None,
@@ -288,7 +319,7 @@ def is_converted(path: Path) -> bool:
     if (path / "manifest.json").is_file():
         return True
     index = path / "model_index.json"
-    return index.is_file() and MLX_FORMAT in json.loads(index.read_text()).get("_format", "")
+    return index.is_file() and MLX_FORMAT in str(read_json_object(index, "a model_index.json").get("_format", ""))
 
 
 def _mlx_layout_loader(name: str, folder: Path, config: dict):
@@ -298,9 +329,13 @@ def _mlx_layout_loader(name: str, folder: Path, config: dict):
         parse, model_cls, _ = _part_builders()[name]
         model = model_cls(parse(config))
         if (folder / QUANT_FILE).is_file():
-            from .quantize import prepare_quantized
+            from .quantize import check_settings, prepare_quantized
 
             q = read_config(folder, QUANT_FILE)
+            try:
+                check_settings(q.get("bits"), q.get("group_size"))
+            except SDXLError as e:
+                raise WeightsError(f"{folder / QUANT_FILE}: {e}") from None
             prepare_quantized(model, bits=q["bits"], group_size=q["group_size"], convs=q.get("convs", True))
         apply_weights(model, load_folder_weights(folder, ["model"]), name, dtype=dtype)
         if hasattr(model, "eval"):
@@ -376,6 +411,30 @@ def vae_source(spec) -> ModelSource:
 # ----------------------------------------------------------------------------- entry point
 
 
+ACCEPTED = ("Accepted: a diffusers folder, a hub id such as stabilityai/stable-diffusion-xl-base-1.0, a single-file "
+            ".safetensors checkpoint, or a folder written by `mlx-sdxl convert`")
+
+
+def is_local_spec(text: str) -> bool:
+    """Decided up front: a path that exists, or starts with '.', '/' or '~', or has more
+    separators than a hub id's owner/name, is local; anything else may be a hub id."""
+    if os.path.lexists(os.path.expanduser(text)) or text.startswith((".", "/", "~")):
+        return True
+    if os.altsep and os.altsep in text:
+        return True
+    return text.strip(os.sep).count(os.sep) > 1
+
+
+def _local_folder(path: Path, role: str, text: str) -> ModelSource:
+    if is_converted(path):
+        if (path / "manifest.json").is_file():
+            path = path / role
+            if not path.is_dir():
+                raise WeightsError(f"{text} holds no converted {role} (no {role}/ folder)")
+        return converted_folder(path, role)
+    return diffusers_folder(path, role)
+
+
 def open_source(spec, role: str, *, config=None, tokenizer=None, tokenizer_2=None) -> ModelSource:
     """Turn what the user gave into a ModelSource: a diffusers folder, a hub repo id,
     a single-file .safetensors checkpoint, or a folder written by convert/."""
@@ -384,21 +443,21 @@ def open_source(spec, role: str, *, config=None, tokenizer=None, tokenizer_2=Non
     if isinstance(spec, ModelSource):
         _check_role(spec, role)
         return spec
-    path = Path(str(spec)).expanduser()
-    if path.is_dir():
-        if is_converted(path):
-            if (path / "manifest.json").is_file():
-                path = path / role
-                if not path.is_dir():
-                    raise WeightsError(f"{spec} holds no converted {role} (no {role}/ folder)")
-            return converted_folder(path, role)
-        return diffusers_folder(path, role)
-    if path.is_file():
-        return single_file_source(path, role, config=config, tokenizer=tokenizer, tokenizer_2=tokenizer_2)
-    if hub.looks_like_repo_id(str(spec)):
-        return diffusers_folder(hub.snapshot(str(spec)), role, variant="fp16")
-    raise WeightsError(
-        f"model not found: {spec!r}. Accepted: a diffusers folder, a hub id such as "
-        "stabilityai/stable-diffusion-xl-base-1.0, a single-file .safetensors checkpoint, or a folder "
-        "written by `mlx-sdxl convert`"
-    )
+    text = str(spec)
+    path = Path(text).expanduser()
+    check_not_a_loop(path)
+    if is_local_spec(text):
+        if path.is_dir():
+            return _local_folder(path, role, text)
+        if path.is_file():
+            return single_file_source(path, role, config=config, tokenizer=tokenizer, tokenizer_2=tokenizer_2)
+        raise WeightsError(f"model not found: no such file or folder {text}. {ACCEPTED}")
+    if hub.looks_like_repo_id(text):
+        try:
+            snap = hub.snapshot(text)
+        except WeightsError as e:
+            raise WeightsError(f"no such file or folder {text}, and {e}") from None
+        source = diffusers_folder(snap, role, variant="fp16")
+        source.name = text
+        return source
+    raise WeightsError(f"model not found: {spec!r}. {ACCEPTED}")

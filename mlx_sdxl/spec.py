@@ -32,6 +32,23 @@ DEFAULT_SCHEDULER = "euler"
 DEFAULT_AESTHETIC_SCORE = 6.0      # refiner conditioning (positive / negative branch)
 DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
 
+# ---------------------------------------------------------------- prompts
+# "plain": the text goes to CLIP as written, cut at 77 tokens (diffusers). "a1111": AUTOMATIC1111's
+# syntax: (emphasis), [de-emphasis], (x:1.3), BREAK, and prompts past 77 tokens in 75-token chunks.
+PROMPT_SYNTAXES = ("plain", "a1111")
+DEFAULT_PROMPT_SYNTAX = "plain"        # the Python API: diffusers parity
+CLI_PROMPT_SYNTAX = "a1111"            # the command line: prompts as A1111 / Civitai users write them
+CHUNK_TOKENS = 75                      # a1111: prompt tokens per chunk (+ start and end token = CLIP's 77)
+COMMA_BACKTRACK = 20                   # a1111: a full chunk ends after its last comma if it is this close
+MAX_PROMPT_CHUNKS = 16                 # a1111: chunks kept (1200 tokens); bounds the UNet's text context
+
+
+def check_prompt_syntax(value) -> str:
+    if value not in PROMPT_SYNTAXES:
+        raise InputError(f"prompt_syntax must be one of {', '.join(map(repr, PROMPT_SYNTAXES))}, got {value!r}")
+    return value
+
+
 # ---------------------------------------------------------------- quantization
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -41,6 +58,13 @@ DEFAULT_GROUP_SIZE = 64
 SIZE_MULTIPLE = 8      # the VAE halves the image three times
 MIN_SIDE = 64
 DEFAULT_SIDE = 1024
+DEFAULT_MAX_MEGAPIXELS = 4.2   # 2048×2048 fits; raise it with max_megapixels= / --max-megapixels
+MAX_IMAGES = 64                # images per call (prompts × images per prompt, or CLI seeds)
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent input pixels are composited over white, as A1111 does
+
+# ---------------------------------------------------------------- metadata
+METADATA_MODES = ("minimal", "full", "none")   # identifiers only / local paths too / nothing
+DEFAULT_METADATA = "minimal"
 
 # ---------------------------------------------------------------- seeds
 MAX_SEED = 2**32 - 1   # seeds are 32-bit unsigned, as in A1111 and ComfyUI
@@ -58,6 +82,21 @@ def check_side(value, name: str) -> int:
     if not is_int(value) or value < MIN_SIDE or value % SIZE_MULTIPLE:
         raise InputError(f"{name} must be a multiple of {SIZE_MULTIPLE} and at least {MIN_SIDE}, got {value!r}")
     return int(value)
+
+
+def check_pixels(width: int, height: int, max_megapixels: float, what: str = "the image") -> None:
+    """Refuse sizes over the megapixel limit before any work is done."""
+    if not isinstance(max_megapixels, (int, float)) or isinstance(max_megapixels, bool) \
+            or not 0 < max_megapixels < float("inf"):
+        raise InputError(f"max_megapixels must be a positive number, got {max_megapixels!r}")
+    if width * height > max_megapixels * 1e6:
+        raise InputError(f"{what} is {width}x{height} = {width * height / 1e6:.1f} megapixels, over the limit of "
+                         f"{max_megapixels:g}; raise the limit (max_megapixels= or --max-megapixels) if you mean it")
+
+
+def check_image_count(count: int) -> None:
+    if count > MAX_IMAGES:
+        raise InputError(f"{count} images were asked for in one call; at most {MAX_IMAGES} are accepted")
 
 
 def check_seed(value, name: str = "seed") -> int:

@@ -73,7 +73,8 @@ def test_generate_writes_png_with_metadata(first, models):
     assert "Refiner switch at: 0.8" in params[2] and params[2].endswith(f"Version: mlx-sdxl {__version__}")
     s = read_metadata(path)
     assert (s["prompt"], s["negative_prompt"], s["seed"], s["num_inference_steps"]) == (PROMPT, NEG, 7, 4)
-    assert (s["model"], s["refiner"]) == (str(Path(models[0]).resolve()), str(Path(models[1]).resolve()))
+    assert (s["model"], s["refiner"]) == ("base", "refiner")  # names, not paths (--metadata minimal)
+    assert all(len(s[k]) == 10 and int(s[k], 16) >= 0 for k in ("model_hash", "refiner_hash"))
     assert (s["scheduler"], s["dtype"], s["mode"], s["version"]) == ("euler", "float32", "generate", __version__)
     # not a terminal: plain log lines with per-stage times and a summary
     assert "\r" not in stderr
@@ -96,19 +97,36 @@ def test_same_seed_same_pixels_and_overwrite(first, tmp_path):
     assert os.listdir(tmp_path) == ["copy.png"]
 
 
-def test_from_reproduces_an_image(first, tmp_path):
+def test_from_reproduces_an_image(first, models, tmp_path):
     path = first[0]
     out = tmp_path / "again.png"
-    rc, _, stderr = run("generate", "--from", path, "--output", out, "--quiet")
+    rc, _, stderr = run("generate", "--from", path, "--output", out, "--quiet", "--models-dir", Path(models[0]).parent)
     assert rc == 0 and stderr == ""
     assert np.array_equal(pixels(out), pixels(path))
     a, b = read_metadata(path), read_metadata(out)
     assert a == b
 
 
-def test_from_with_overrides_and_seed_list(first, tmp_path):
+def test_metadata_full_records_paths_and_replays_without_a_models_dir(models, tmp_path):
+    out = tmp_path / "full.png"
+    argv = ["generate", PROMPT, "--model", models[0], "--refiner", models[1], *SMALL, "--steps", "4", "--seed", "7"]
+    assert run(*argv, "--metadata", "full", "--output", out, "-q")[0] == 0
+    s = read_metadata(out)
+    assert (s["model"], s["refiner"]) == (str(Path(models[0]).resolve()), str(Path(models[1]).resolve()))
+    again = tmp_path / "again.png"
+    assert run("generate", "--from", out, "--output", again, "-q")[0] == 0
+    assert np.array_equal(pixels(again), pixels(out))
+    bare = tmp_path / "bare.png"
+    assert run(*argv, "--metadata", "none", "--output", bare, "-q")[0] == 0
+    with Image.open(bare) as im:
+        assert not im.text  # no chunk at all
+    assert np.array_equal(pixels(bare), pixels(out))
+
+
+def test_from_with_overrides_and_seed_list(first, models, tmp_path):
     path = first[0]
-    rc, stdout, stderr = run("generate", "--from", path, "--refiner", "none", "--steps", "2", "--seed", "8",
+    rc, stdout, stderr = run("generate", "--from", path, "--models-dir", Path(models[0]).parent,
+                             "--refiner", "none", "--steps", "2", "--seed", "8",
                              "--n-images", "2", "--output", tmp_path, "--quiet")
     assert rc == 0, stderr
     names = [Path(p).name for p in stdout.split()]
@@ -140,13 +158,19 @@ def test_refine_existing_image_and_reproduce_it(first, models, tmp_path):
                         "float32", "--output", out)
     assert rc == 0, stderr
     s = read_metadata(out)
-    assert (s["mode"], s["strength"], s["image"], s["width"]) == ("refine", 0.5, str(source.resolve()), 64)
+    assert (s["mode"], s["strength"], s["image"], s["width"]) == ("refine", 0.5, source.name, 64)
     with Image.open(out) as im:
         assert "Denoising strength: 0.5" in im.text["parameters"]
     assert "refiner: 2/2" in stderr and "base:" not in stderr
     assert not np.array_equal(pixels(out), pixels(source))
     again = tmp_path / "again.png"
-    assert run("generate", "--from", out, "--output", again, "-q")[0] == 0
+    rc, _, stderr = run("generate", "--from", out, "--output", again, "-q")
+    assert rc == 2 and "refined from 'first.png'" in stderr and "--image" in stderr  # names only: where is it?
+    rc, _, stderr = run("generate", "--from", out, "--output", again, "-q", "--image", source)
+    assert rc == 2 and "--models-dir" in stderr and "'base'" in stderr
+    rc, _, stderr = run("generate", "--from", out, "--output", again, "-q", "--models-dir", Path(models[0]).parent,
+                        "--image", source)
+    assert rc == 0, stderr
     assert np.array_equal(pixels(again), pixels(out))
 
 

@@ -118,12 +118,24 @@ class CLIPEncoderLayer(nn.Module):
 class CLIPEmbeddings(nn.Module):
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
+        self.vocab_size = config.vocab_size
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
 
-    def __call__(self, input_ids: mx.array) -> mx.array:
+    def __call__(self, input_ids: mx.array, extra: Optional[mx.array] = None) -> mx.array:
         n = input_ids.shape[1]
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:n]
+        return self.tokens(input_ids, extra) + self.position_embedding.weight[:n]
+
+    def tokens(self, ids: mx.array, extra: Optional[mx.array]) -> mx.array:
+        """Token vectors; with `extra` (k, width), ids vocab_size.. vocab_size+k-1 are its rows
+        (textual-inversion vectors), so the vocabulary's own table stays as loaded."""
+        if extra is None:
+            return self.token_embedding(ids)
+        vocab = self.vocab_size
+        added = ids >= vocab
+        known = self.token_embedding(mx.where(added, 0, ids))
+        new = extra.astype(known.dtype)[mx.maximum(ids - vocab, 0)]
+        return mx.where(added[..., None], new, known)
 
 
 class CLIPEncoder(nn.Module):
@@ -142,6 +154,8 @@ class CLIPTextModel(nn.Module):
     - pooled = final_layer_norm(last layer) at the EOS position, then text_projection
       when the model has one; shape (B, projection_dim or hidden_size). With
       `need_pooled=False` it is None and the layers after `hidden` are skipped.
+    `extra_embeddings` (k, hidden_size), optional: vectors for the ids vocab_size..
+    vocab_size+k-1 (textual-inversion tokens; see CLIPEmbeddings.tokens).
     """
 
     def __init__(self, config: CLIPTextConfig):
@@ -153,35 +167,42 @@ class CLIPTextModel(nn.Module):
         if config.with_projection:
             self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
 
-    def _check_ids(self, input_ids) -> mx.array:
+    def _check_ids(self, input_ids, n_extra: int = 0) -> mx.array:
         ids = np.asarray(input_ids)
         c = self.config
+        top = c.vocab_size + n_extra
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             raise InputError(f"input_ids must be a 2-D integer array (batch, tokens); got {ids.dtype} {ids.shape}")
         if not 1 <= ids.shape[1] <= c.max_position_embeddings:
             raise InputError(f"input_ids has {ids.shape[1]} tokens; accepted: 1 to {c.max_position_embeddings}")
-        if ids.size and (ids.min() < 0 or ids.max() >= c.vocab_size):
-            raise InputError(f"token ids must lie in [0, {c.vocab_size}); got {ids.min()}..{ids.max()}")
+        if ids.size and (ids.min() < 0 or ids.max() >= top):
+            raise InputError(f"token ids must lie in [0, {top}); got {ids.min()}..{ids.max()}")
         return mx.array(ids.astype(np.int32))
 
     def _eos_positions(self, ids: mx.array) -> mx.array:
         # transformers' rule: configs with the legacy eos_token_id 2 take the first
         # position of the largest id; others the first position of eos_token_id.
+        # Textual-inversion ids (past the vocabulary) never count as the largest: the end
+        # token is meant (transformers would pick the added token; A1111 the end token).
         if self.config.eos_token_id == 2:
-            return mx.argmax(ids, axis=-1)
+            return mx.argmax(mx.where(ids >= self.config.vocab_size, -1, ids), axis=-1)
         return mx.argmax((ids == self.config.eos_token_id).astype(mx.int32), axis=-1)
 
-    def __call__(self, input_ids, clip_skip: Optional[int] = None,
-                 need_pooled: bool = True) -> Tuple[mx.array, Optional[mx.array]]:
+    def __call__(self, input_ids, clip_skip: Optional[int] = None, need_pooled: bool = True,
+                 extra_embeddings: Optional[mx.array] = None) -> Tuple[mx.array, Optional[mx.array]]:
         n_layers = self.config.num_hidden_layers
         skip = clip_skip or 0
         if not 0 <= skip < n_layers:
             raise InputError(f"clip_skip must be None or in 0..{n_layers - 1}; got {clip_skip}")
-        ids = self._check_ids(input_ids)
+        n_extra = 0 if extra_embeddings is None else extra_embeddings.shape[0]
+        if extra_embeddings is not None and tuple(extra_embeddings.shape[1:]) != (self.config.hidden_size,):
+            raise InputError(f"extra_embeddings must have shape (k, {self.config.hidden_size}); "
+                             f"got {tuple(extra_embeddings.shape)}")
+        ids = self._check_ids(input_ids, n_extra)
         stop = n_layers - 1 - skip  # hidden = output after `stop` layers
         layers = self.encoder.layers if need_pooled else self.encoder.layers[:stop]
 
-        x = self.embeddings(ids)
+        x = self.embeddings(ids, extra_embeddings)
         hidden = x if stop == 0 else None
         for i, layer in enumerate(layers, start=1):
             x = layer(x)

@@ -198,10 +198,12 @@ class Decoder(nn.Module):
         self.conv_norm_out = group_norm(ch[-1], EPS, g)
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
-    def __call__(self, z: mx.array) -> mx.array:
+    def __call__(self, z: mx.array, between_blocks: Optional[Callable[[mx.array], None]] = None) -> mx.array:
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
+            if between_blocks is not None:
+                between_blocks(x)
         return self.conv_out(self.conv_norm_out(x, silu=True))
 
 
@@ -349,14 +351,18 @@ class AutoencoderKL(nn.Module):
                 moments = run(x)
         return DiagonalGaussian(moments)
 
-    def decode(self, z: mx.array, tiled: Optional[bool] = None) -> mx.array:
-        """UNSCALED NHWC latents (divide by config.scaling_factor first) → NHWC image ≈ [-1, 1]."""
+    def decode(self, z: mx.array, tiled: Optional[bool] = None,
+               between_blocks: Optional[Callable[[mx.array], None]] = None) -> mx.array:
+        """UNSCALED NHWC latents (divide by config.scaling_factor first) → NHWC image ≈ [-1, 1].
+
+        `between_blocks(x)` is called after each decoder up block (of each tile), e.g.
+        `mx.eval`, so that a long decode returns to Python (and Ctrl-C) between blocks."""
         f = self.config.scale_factor
         z = self._check(z, "latents", self.config.latent_channels, 1)
         tile, stride = self._tile_geometry()
         with self._computing() as dtype:
             z = z.astype(dtype)
-            run = lambda t: self.decoder(self.post_quant_conv(t))
+            run = lambda t: self.decoder(self.post_quant_conv(t), between_blocks)
             if (self.use_tiling if tiled is None else tiled) and max(z.shape[1:3]) > tile:
                 return _tiled(run, z, tile, stride, blend=(tile - stride) * f, keep=stride * f)
             return run(z)

@@ -19,11 +19,13 @@ import numpy as np
 
 from ..conditioning import Prompt, as_list, base_time_ids, refiner_time_ids, size_pair
 from ..errors import InputError
+from ..identity import check_mode
 from ..schedulers import Scheduler, img2img_start, make_scheduler, split_for_handoff
 from ..sources import ModelSource
 from ..spec import (BASE, DEFAULT_AESTHETIC_SCORE, DEFAULT_GUIDANCE, DEFAULT_HIGH_NOISE_FRAC,
-                    DEFAULT_NEGATIVE_AESTHETIC_SCORE, DEFAULT_SCHEDULER, DEFAULT_SIDE, DEFAULT_STEPS,
-                    DEFAULT_STRENGTH, MAX_SEED, REFINER, Seed, check_side, image_seeds, is_int)
+                    DEFAULT_MAX_MEGAPIXELS, DEFAULT_METADATA, DEFAULT_PROMPT_SYNTAX, DEFAULT_NEGATIVE_AESTHETIC_SCORE, DEFAULT_SCHEDULER, DEFAULT_SIDE, DEFAULT_STEPS,
+                    DEFAULT_STRENGTH, MAX_SEED, REFINER, Seed, check_image_count, check_pixels,
+                    check_prompt_syntax, check_side, image_seeds, is_int)
 from .images import image_batch
 from .prompts import PromptTexts
 from .stage import Guidance, Stage, per_image_normal
@@ -63,10 +65,14 @@ class Request:
     clip_skip: Optional[int] = None
     sample_posterior: bool = True
     output_type: str = "pil"
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    metadata: str = DEFAULT_METADATA          # what the images record: "minimal", "full" or "none"
+    prompt_syntax: str = DEFAULT_PROMPT_SYNTAX  # "plain" (diffusers) or "a1111"
 
     @property
     def texts(self) -> PromptTexts:
-        return PromptTexts(self.prompt, self.negative_prompt, self.prompt_2, self.negative_prompt_2)
+        return PromptTexts(self.prompt, self.negative_prompt, self.prompt_2, self.negative_prompt_2,
+                           self.prompt_syntax)
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,8 @@ def _check_common(req: Request, base: ModelSource) -> Scheduler:
         raise InputError(f"num_inference_steps must be an integer >= 1, got {req.num_inference_steps!r}")
     _number(req.guidance_scale, "guidance_scale", 0)
     _number(req.guidance_rescale, "guidance_rescale", 0, 1)
+    check_mode(req.metadata)
+    check_prompt_syntax(req.prompt_syntax)
     if req.output_type not in OUTPUT_TYPES:
         raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {req.output_type!r}")
     if not is_int(req.num_images_per_prompt) or req.num_images_per_prompt < 1:
@@ -137,7 +145,8 @@ def _per_image(value, i: int, per_prompt: int):
 
 def _settings(req: Request, seeds: List[int], **fields) -> List[dict]:
     common = dict(num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
-                  guidance_rescale=req.guidance_rescale, scheduler=req.scheduler, clip_skip=req.clip_skip, **fields)
+                  guidance_rescale=req.guidance_rescale, scheduler=req.scheduler, clip_skip=req.clip_skip,
+                  prompt_syntax=req.prompt_syntax, **fields)
     n = req.num_images_per_prompt
     return [dict(common, prompt=_per_image(req.prompt, i, n),
                  negative_prompt=_per_image(req.negative_prompt, i, n), seed=seed) for i, seed in enumerate(seeds)]
@@ -151,9 +160,11 @@ def text_to_image(req: Request, base: ModelSource, refiner: Optional[ModelSource
     height = check_side(DEFAULT_SIDE if req.height is None else req.height, "height")
     if width % factor or height % factor:
         raise InputError(f"width and height must be multiples of {factor} for this VAE")
+    check_pixels(width, height, req.max_megapixels)
     frac = _number(DEFAULT_HIGH_NOISE_FRAC if req.high_noise_frac is None else req.high_noise_frac,
                    "high_noise_frac", 0, 1, low_open=True)
     batch = len(prompts) * req.num_images_per_prompt
+    check_image_count(batch)
     shape = (batch, height // factor, width // factor, base.configs["unet"].get("in_channels", 4))
     seeds, keys = _seed_keys(req, batch)
     if req.latents is None:
@@ -198,8 +209,9 @@ def image_to_image(req: Request, base: ModelSource, refiner: Optional[ModelSourc
                              "and one model runs the last `strength` share of the schedule)")
     strength = _number(req.strength, "strength", 0, 1, low_open=True)
     start = img2img_start(req.num_inference_steps, strength)  # refuses a strength that leaves no step
-    pixels = image_batch(req.image, factor)
     batch = len(prompts) * req.num_images_per_prompt
+    check_image_count(batch)
+    pixels = image_batch(req.image, factor, req.max_megapixels)
     if pixels.shape[0] not in (1, batch):
         raise InputError(f"got {pixels.shape[0]} images for a batch of {batch}")
     h, w = pixels.shape[1], pixels.shape[2]

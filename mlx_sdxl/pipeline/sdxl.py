@@ -3,6 +3,7 @@ each call into a Plan of stages, runs the plan, and returns a GenerationResult."
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -11,17 +12,21 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from ..conditioning import Prompt
+from ..embeddings import Embedding, EmbeddingSet, read_embedding
 from ..errors import InputError
+from ..identity import source_fields
 from ..sources import ModelSource, is_converted, open_source, vae_source
 from ..spec import (BASE, DEFAULT_AESTHETIC_SCORE, DEFAULT_GROUP_SIZE, DEFAULT_GUIDANCE, DEFAULT_HIGH_NOISE_FRAC,
+                    DEFAULT_MAX_MEGAPIXELS, DEFAULT_METADATA, DEFAULT_PROMPT_SYNTAX,
                     DEFAULT_NEGATIVE_AESTHETIC_SCORE, DEFAULT_SCHEDULER, DEFAULT_SIDE, DEFAULT_STEPS,
                     DEFAULT_STRENGTH, DECODE, REFINER, TEXT_ENCODERS, Seed)
 from ..weights import parse_dtype
 from . import images as pixels
 from .cache import ModelCache, Quantization
 from .compat import check_compatible
+from .health import nonfinite, nonfinite_error
 from .plan import Plan, Request, make_plan
-from .prompts import PromptTexts, encode_conditioning, encode_prompt
+from .prompts import PromptTexts, embeddings_used, encode_conditioning, encode_prompt, encoder_flags
 from .result import GenerationResult, StageTiming
 from .stage import Callback, Cancelled
 
@@ -51,6 +56,7 @@ class SDXLPipeline:
         self.quantization = Quantization(base_bits, refiner_bits, text_encoder_bits, group_size)
         check_compatible(self.base, self.refiner, self.vae_source)
         self.models = ModelCache(self.dtype, self.quantization, compile)
+        self.embeddings = EmbeddingSet()
         self._lock = threading.RLock()
         if low_memory:
             # keep MLX's buffer cache small so memory freed by one stage is returned, not hoarded
@@ -115,19 +121,32 @@ class SDXLPipeline:
 
     def encode_prompt(self, prompt: Prompt, negative_prompt: Optional[Prompt] = None, *, stage: str = BASE,
                       prompt_2: Optional[Prompt] = None, negative_prompt_2: Optional[Prompt] = None,
-                      num_images_per_prompt: int = 1, clip_skip: Optional[int] = None, do_cfg: bool = True):
+                      num_images_per_prompt: int = 1, clip_skip: Optional[int] = None, do_cfg: bool = True,
+                      prompt_syntax: str = DEFAULT_PROMPT_SYNTAX):
         """(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled), like diffusers.
 
         Base: CLIP-L and bigG penultimate states concatenated (B, 77, 2048); refiner:
         bigG only (B, 77, 1280), fed `prompt`. With no negative prompt the base uses
-        zeros (force_zeros_for_empty_prompt); the refiner encodes "".
+        zeros (force_zeros_for_empty_prompt); the refiner encodes "". With
+        prompt_syntax="a1111" the token axis is 77 × the number of chunks.
         """
         source = self._source(stage)
         with self._lock:
             return encode_prompt(self.models.get, source, PromptTexts(prompt, negative_prompt, prompt_2,
-                                                                      negative_prompt_2),
+                                                                      negative_prompt_2, prompt_syntax),
                                  dtype=self.dtype, num_images_per_prompt=num_images_per_prompt,
-                                 clip_skip=clip_skip, do_cfg=do_cfg)
+                                 clip_skip=clip_skip, do_cfg=do_cfg, embeddings=self.embeddings)
+
+    def load_embedding(self, path, token: Optional[str] = None) -> Embedding:
+        """Load an SDXL textual-inversion embedding (.safetensors with `clip_l` and `clip_g`)
+        under `token` (default: the file's stem); the token then works in any prompt, in
+        both prompt syntaxes. Checked against the text encoders' widths and the vocabulary
+        (from the configs and tokenizer; no model loads)."""
+        emb = read_embedding(path, token)
+        widths = {"clip_l": self.base.configs["text_encoder"]["hidden_size"],
+                  "clip_g": self.base.configs["text_encoder_2"]["hidden_size"]}
+        with self._lock:
+            return self.embeddings.add(emb, widths, self.base.tokenizer("tokenizer"))
 
     def decode_latents(self, latents: mx.array):
         """Latents (scheduler space) → NHWC float32 images in [0, 1]."""
@@ -145,6 +164,8 @@ class SDXLPipeline:
                  crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None,
                  clip_skip: Optional[int] = None, sample_posterior: bool = True, output_type: str = "pil",
+                 max_megapixels: float = DEFAULT_MAX_MEGAPIXELS, metadata: str = DEFAULT_METADATA,
+                 prompt_syntax: str = DEFAULT_PROMPT_SYNTAX,
                  callback: Optional[Callback] = None) -> GenerationResult:
         """Generate images and return a GenerationResult (images, seeds, settings, timings).
 
@@ -153,6 +174,11 @@ class SDXLPipeline:
         With `image`: image to image; the refiner (the base when there is none) re-runs
         the last `strength` share of the schedule on the VAE-encoded image.
         `seed`: one int S (images get S, S+1, ...), one per image, or None for a random one.
+        Sizes over `max_megapixels` (default 4.2, i.e. 2048×2048) are refused before any work.
+        `metadata`: what each image records: "minimal" (model identifiers, no paths), "full"
+        (local paths too) or "none".
+        `prompt_syntax`: "plain" (default; the text as written, cut at 77 tokens, as
+        diffusers) or "a1111" (emphasis, BREAK, prompts of any length, as AUTOMATIC1111).
         """
         request = Request(**{k: v for k, v in locals().items() if k not in ("self", "callback")})
         plan = make_plan(request, self.base, self.refiner, self.vae_scale_factor)  # all checks, no heavy work
@@ -168,7 +194,9 @@ class SDXLPipeline:
                  negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE, original_size=None,
                  crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None,
-                 clip_skip: Optional[int] = None, output_type: str = "pil", callback: Optional[Callback] = None):
+                 clip_skip: Optional[int] = None, output_type: str = "pil",
+                 max_megapixels: float = DEFAULT_MAX_MEGAPIXELS, prompt_syntax: str = DEFAULT_PROMPT_SYNTAX,
+                 callback: Optional[Callback] = None):
         """Text to image. Returns a list of PIL images ("pil"), an NHWC float32 array in
         [0, 1] ("np"), or the final latents ("latent"); None when a callback cancelled
         the run. `generate` takes the same arguments and returns the whole result."""
@@ -182,7 +210,9 @@ class SDXLPipeline:
                negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE, original_size=None,
                crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                negative_crops_coords_top_left=(0, 0), clip_skip: Optional[int] = None,
-               sample_posterior: bool = True, output_type: str = "pil", callback: Optional[Callback] = None):
+               sample_posterior: bool = True, output_type: str = "pil",
+               max_megapixels: float = DEFAULT_MAX_MEGAPIXELS, prompt_syntax: str = DEFAULT_PROMPT_SYNTAX,
+               callback: Optional[Callback] = None):
         """Img2img on an existing image with the refiner (or the base when no refiner is
         loaded): VAE-encode, noise to the first kept step, denoise the remaining
         `strength` share of the schedule. Returns what `__call__` returns."""
@@ -202,7 +232,7 @@ class SDXLPipeline:
                     del unet
                     if self.low_memory:
                         self.models.release(stage.source, "unet")
-                images = self._output(x, plan.request.output_type, settings, callback, timings)
+                images = self._output(x, plan.request, settings, callback, timings)
                 return GenerationResult(images, plan.seeds, settings, timings)
             except Cancelled:
                 mx.clear_cache()
@@ -211,18 +241,24 @@ class SDXLPipeline:
     def _condition(self, plan: Plan, timings: dict) -> list:
         """Every stage's conditioning, made before any UNet loads (so low_memory can drop the
         text encoders first)."""
-        import dataclasses
-
         t0 = time.perf_counter()
         req = plan.request
 
         def load(source, part):
             return self.models.get(source, part, timings)
 
-        stages = [dataclasses.replace(stage, conditioning=encode_conditioning(
-            load, stage.source, req.texts, stage.time_ids, dtype=self.dtype,
-            num_images_per_prompt=req.num_images_per_prompt, clip_skip=req.clip_skip,
-            guided=stage.guidance.active)) for stage in plan.stages]
+        stages, warned = [], set()  # warned: each prompt-length warning once per request
+        for stage in plan.stages:
+            cond = encode_conditioning(load, stage.source, req.texts, stage.time_ids, dtype=self.dtype,
+                                       num_images_per_prompt=req.num_images_per_prompt, clip_skip=req.clip_skip,
+                                       guided=stage.guidance.active, embeddings=self.embeddings, warned=warned)
+            flags = encoder_flags(cond, stage.source)
+            mx.eval(cond.arrays(), list(flags.values()))
+            for part, flag in flags.items():
+                if flag.item():
+                    raise nonfinite_error(f"the {stage.name}'s prompt embeddings hold NaN/inf", part,
+                                          load(stage.source, part))
+            stages.append(dataclasses.replace(stage, conditioning=cond))
         timings["encode"] = time.perf_counter() - t0
         if self.low_memory:
             for source in filter(None, (self.base, self.refiner)):
@@ -234,11 +270,15 @@ class SDXLPipeline:
         start = plan.image
         vae = self.models.get(self.vae_source, "vae", timings)
         x0 = pixels.encode_images(vae, start.pixels, self.scaling_factor, start.posterior_keys, plan.batch)
+        bad = nonfinite(x0)
+        mx.eval(x0, bad)
+        if bad.item():
+            raise nonfinite_error("the image's latents hold NaN/inf", "vae", vae)
         first = plan.stages[0]
         return first.scheduler.add_noise(x0, start.noise.astype(mx.float32), first.steps.start)
 
-    def _output(self, x, output_type: str, settings: list, callback, timings: dict):
-        if output_type == "latent":
+    def _output(self, x, request: Request, settings: list, callback, timings: dict):
+        if request.output_type == "latent":
             return x
         t0 = time.perf_counter()
         mx.reset_peak_memory()
@@ -247,16 +287,25 @@ class SDXLPipeline:
         if callback is not None and callback(DECODE, 1, 1, x) is False:
             raise Cancelled()
         timings[DECODE] = StageTiming(time.perf_counter() - t0, 1, mx.get_peak_memory())
-        return images if output_type == "np" else pixels.to_pil(images, settings)
+        if request.output_type == "np":
+            return images
+        return pixels.to_pil(images, None if request.metadata == "none" else settings)
 
     def _record(self, settings: dict, plan: Plan) -> dict:
         """What a PNG records: the request's settings, without None, plus the models used."""
+        mode = plan.request.metadata
         out = {k: v for k, v in settings.items() if v is not None}
-        out.update(model=self.base.description, dtype=str(self.dtype).replace("mlx.core.", ""))
+        out.update(source_fields("model", self.base, mode), dtype=str(self.dtype).replace("mlx.core.", ""))
         if any(stage.name == REFINER for stage in plan.stages):
-            out["refiner"] = self.refiner.description
+            out.update(source_fields("refiner", self.refiner, mode))
             if self.refiner_bits:
                 out["refiner_bits"] = self.refiner_bits
         if self.vae_source is not self.base:
-            out["vae"] = self.vae_source.description
+            out.update(source_fields("vae", self.vae_source, mode))
+        req = plan.request
+        texts = [t for v in (settings.get("prompt"), settings.get("negative_prompt"), req.prompt_2,
+                             req.negative_prompt_2) if v for t in ([v] if isinstance(v, str) else v)]
+        used = embeddings_used(self.base, texts, req.prompt_syntax, self.embeddings)
+        if used:
+            out["embeddings"] = used  # {token: short hash}: A1111's "TI hashes"
         return out

@@ -9,9 +9,9 @@ from typing import Callable, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from ..conditioning import guide
-from ..errors import SDXLError
 from ..schedulers import Scheduler
 from ..sources import ModelSource
+from .health import nonfinite, nonfinite_error
 from .prompts import Conditioning
 from .result import StageTiming
 
@@ -92,11 +92,11 @@ class Stage:
             x = sched.step(eps, i, x, noise=noise)
             for hook in self.after_step:
                 x = hook(x, i)
-            bad = mx.any(mx.logical_not(mx.isfinite(x)))
+            bad = nonfinite(x)
             mx.eval(x, bad)
             if bad.item():
-                raise SDXLError(f"the {self.name} produced NaN/inf latents at step {n + 1}/{total} (t={t:g}); "
-                                "with float16 try dtype=float32 or bfloat16")
+                raise nonfinite_error(f"the {self.name} produced NaN/inf latents at step {n + 1}/{total} (t={t:g})",
+                                      "unet", unet)
             if callback is not None and callback(self.name, n + 1, total, x) is False:
                 raise Cancelled()
         return x, StageTiming(time.perf_counter() - t0, total, mx.get_peak_memory())
