@@ -30,6 +30,7 @@ from .metadata import default_filename, read_metadata, save_png
 from .progress import Progress
 from .schedulers import SCHEDULERS
 from .identity import MODEL_KEYS, MODELS_DIR_ENV, image_field, locate, models_dir, source_fields
+from .tempfiles import remove_stale
 from .spec import (BITS, DEFAULT_BASE_ID, DEFAULT_MAX_MEGAPIXELS, DEFAULT_METADATA, MAX_IMAGES, METADATA_MODES, DEFAULT_GUIDANCE, DEFAULT_HIGH_NOISE_FRAC, DEFAULT_REFINER_ID,
                    DEFAULT_SCHEDULER, DEFAULT_SIDE, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_SEED, MIN_SIDE,
                    SIZE_MULTIPLE, check_image_count, check_pixels, is_int)
@@ -349,6 +350,8 @@ def cmd_generate(args) -> int:
     validate(settings, explicit, args)
     seeds = resolve_seeds(seeds, args.n_images)
     paths = output_paths(args.output, settings["prompt"], seeds, args.overwrite)
+    for folder in {p.parent for p in paths if p.parent.is_dir()}:
+        remove_stale(folder)  # temporaries our killed runs left there
     if "image" not in explicit and settings["image"] is not None and not Path(settings["image"]).expanduser().exists():
         raise CLIError(f"the image was refined from {settings['image']!r}, which is not here; pass --image PATH")
     source_image = open_image(settings["image"], args.max_megapixels) if settings["image"] is not None else None

@@ -61,7 +61,12 @@ class ModelSource:
     def load(self, name: str, dtype=None):
         if name not in self.loaders:
             raise WeightsError(f"the {self.role} model ({self.description}) has no {name}")
-        return self.loaders[name](dtype)
+        try:
+            return self.loaders[name](dtype)
+        except (KeyError, TypeError) as e:  # a config field that is missing or of the wrong type
+            what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+            raise WeightsError(f"the {self.role} {name} config in {self.description} does not describe an SDXL "
+                               f"{name} ({what})") from None
 
     def tokenizer(self, name: str):
         if name not in self.tokenizers:
@@ -438,6 +443,14 @@ def _local_folder(path: Path, role: str, text: str) -> ModelSource:
 def open_source(spec, role: str, *, config=None, tokenizer=None, tokenizer_2=None) -> ModelSource:
     """Turn what the user gave into a ModelSource: a diffusers folder, a hub repo id,
     a single-file .safetensors checkpoint, or a folder written by convert/."""
+    try:
+        return _open_source(spec, role, config=config, tokenizer=tokenizer, tokenizer_2=tokenizer_2)
+    except (KeyError, TypeError) as e:  # a config object with a missing or wrongly typed field
+        what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        raise WeightsError(f"{spec}: a config file there does not describe an SDXL model ({what})") from None
+
+
+def _open_source(spec, role: str, *, config=None, tokenizer=None, tokenizer_2=None) -> ModelSource:
     from . import hub
 
     if isinstance(spec, ModelSource):

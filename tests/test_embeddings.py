@@ -152,6 +152,40 @@ def test_embeddings_used_are_recorded_with_a1111_hashes(ours, emb_path):
     assert read_embedding(emb_path).shorthash == digest
 
 
+def test_clip_extra_rows_equal_a_grown_token_table(tiny_sdxl, tmp_path):
+    """Ids past the vocabulary read `extra_embeddings`, as transformers reads rows appended to
+    its token table (resize_token_embeddings)."""
+    from transformers import CLIPTextModelWithProjection
+
+    from mlx_sdxl.models.clip import load_text_encoder
+
+    ref = CLIPTextModelWithProjection.from_pretrained(str(tiny_sdxl[0] / "text_encoder_2")).eval()
+    ours = load_text_encoder(tiny_sdxl[0] / "text_encoder_2")
+    vocab = ref.config.vocab_size
+    extra = (0.2 * np.random.default_rng(2).standard_normal((3, TE2_WIDTH))).astype(np.float32)
+    ref.resize_token_embeddings(vocab + 3)
+    ref.get_input_embeddings().weight[vocab:] = torch.from_numpy(extra)
+    getattr(ref, "text_model", ref).eos_token_id = EOS
+    ids = np.full((2, 77), 0, np.int64)
+    ids[0, :8] = [EOS - 1, 320, vocab, vocab + 1, vocab + 2, 518, EOS, 0]
+    ids[1, :5] = [EOS - 1, vocab + 2, 320, vocab, EOS]
+    out = ref(torch.from_numpy(ids), output_hidden_states=True)
+    hidden, pooled = ours(ids, extra_embeddings=mx.array(extra))
+    assert rel(np.array(hidden), out.hidden_states[-2].numpy()) <= 1e-5
+    assert rel(np.array(pooled), out.text_embeds.numpy()) <= 1e-5
+    with pytest.raises(InputError, match=r"token ids must lie in \[0, %d\)" % (vocab + 2)):
+        ours(ids, extra_embeddings=mx.array(extra[:2]))
+    with pytest.raises(InputError, match=r"extra_embeddings must have shape \(k, 64\)"):
+        ours(ids, extra_embeddings=mx.zeros((3, 32)))
+
+
+def test_quantized_text_encoders_take_embeddings(tiny_sdxl, emb_path):
+    pipe = SDXLPipeline.from_pretrained(tiny_sdxl[0], dtype=mx.float32, text_encoder_bits=8)
+    pipe.load_embedding(emb_path)
+    pe, _, pp, _ = pipe.encode_prompt(PROMPT, do_cfg=False, prompt_syntax="a1111")
+    assert pe.shape == (1, 77, 128) and np.isfinite(np.array(pe)).all() and np.isfinite(np.array(pp)).all()
+
+
 # ---------------------------------------------------------------- refused
 @pytest.fixture()
 def fresh(tiny_sdxl):

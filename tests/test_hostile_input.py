@@ -350,3 +350,15 @@ def test_models_are_found_again_by_name(tiny_sdxl, tmp_path):
     rc, stdout, err, _ = run("generate", "--from", out / "a.png", "-o", out / "c.png")
     assert_refused(rc, stdout, err, "made with model 'my-base'", "--models-dir")
     assert not (out / "c.png").exists()
+
+
+def test_config_with_a_missing_or_wrong_field(tiny_sdxl, tmp_path):
+    for field, value in (("num_hidden_layers", "x"), ("projection_dim", "wide")):
+        folder = tmp_path / f"bad-{field}"
+        shutil.copytree(tiny_sdxl[0], folder)
+        config = json.loads((folder / "text_encoder_2" / "config.json").read_text())
+        config[field] = value
+        (folder / "text_encoder_2" / "config.json").write_text(json.dumps(config))
+        with pytest.raises(WeightsError, match="does not describe an SDXL"):
+            SDXLPipeline.from_pretrained(folder, dtype=mx.float32)(PROMPT, num_inference_steps=1, width=64,
+                                                                   height=64)
