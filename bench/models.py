@@ -59,15 +59,24 @@ class WordTokenizer:
     cost does not depend on which ids it sees."""
 
     model_max_length = 77
+    bos_token_id, eos_token_id, unk_token_id = BOS, EOS, EOS
 
     def __init__(self, pad: int):
-        self.pad = pad
+        self.pad = self.pad_token_id = pad
 
-    def _ids(self, text: str):
-        return [BOS] + [1 + zlib.crc32(w.encode()) % (BOS - 1) for w in text.lower().split()] + [EOS]
+    def __len__(self) -> int:
+        return VOCAB
 
-    def __call__(self, prompts, padding=False, max_length=None, truncation=False, return_tensors=None, **_):
-        rows = [self._ids(p) for p in prompts]
+    def _ids(self, text: str, special: bool = True):
+        words = [1 + zlib.crc32(w.encode()) % (BOS - 1) for w in text.lower().split()]
+        return [BOS] + words + [EOS] if special else words
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return self.unk_token_id  # no comma token: the a1111 chunks never move back to one
+
+    def __call__(self, prompts, padding=False, max_length=None, truncation=False, return_tensors=None,
+                 add_special_tokens=True, **_):
+        rows = [self._ids(p, add_special_tokens) for p in prompts]
         if truncation:
             n = max_length or self.model_max_length
             rows = [r[:n - 1] + [EOS] if len(r) > n else r for r in rows]
@@ -75,7 +84,7 @@ class WordTokenizer:
             rows = [r + [self.pad] * (max_length - len(r)) for r in rows]
         return SimpleNamespace(input_ids=np.array(rows, dtype=np.int64) if return_tensors == "np" else rows)
 
-    def decode(self, ids):
+    def decode(self, ids, **_):
         return " ".join(str(i) for i in ids)
 
 

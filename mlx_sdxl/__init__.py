@@ -12,8 +12,10 @@ from .models.unet import load_unet  # noqa: E402
 from .models.vae import load_vae  # noqa: E402
 from .pipeline import GenerationResult, SDXLPipeline, StageTiming  # noqa: E402
 from .tokenizer import load_tokenizer  # noqa: E402
+from .control import Control  # noqa: E402
+from .models.controlnet import load_controlnet  # noqa: E402
 
 __all__ = [
     "SDXLPipeline", "GenerationResult", "StageTiming", "load_unet", "load_vae", "load_text_encoder", "load_tokenizer",
-    "SDXLError", "ConfigError", "InputError", "WeightsError", "__version__",
+    "Control", "load_controlnet", "SDXLError", "ConfigError", "InputError", "WeightsError", "__version__",
 ]

@@ -151,6 +151,9 @@ class EmbeddingSet:
                 raise WeightsError(f"{emb.path}: its {key} vectors are {got} wide, but this model's text encoder "
                                    f"takes {width}; is it an embedding for another model?")
         name = _token_ids(tokenizer, emb.token)
+        if not name:
+            raise InputError(f"embedding token {emb.token!r} reads as no CLIP token at all; load it under "
+                             "another token (load_embedding(path, token=...))")
         if len(name) == 1:
             raise InputError(f"embedding token {emb.token!r} is already a word of CLIP's vocabulary, so it would "
                              "replace that word in every prompt; load it under another token "

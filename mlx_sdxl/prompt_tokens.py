@@ -36,8 +36,9 @@ class Special:
 
     @classmethod
     def of(cls, tokenizer) -> "Special":
+        comma = tokenizer.convert_tokens_to_ids(",</w>")  # the unknown token's id when there is none
         return cls(tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                   tokenizer.get_vocab().get(",</w>"))
+                   None if comma == tokenizer.unk_token_id else comma)
 
     def wrap(self, ids: List[int]) -> List[int]:
         """75 prompt ids → CLIP's 77: start + ids + end, then pad after the first end token."""
@@ -157,23 +158,19 @@ def _dropped_text(tokenizer, ids: Sequence[int], limit: int = 120) -> str:
     return repr(text[:limit]) + ("..." if len(text) > limit or len(ids) > limit else "")
 
 
-def tokenize_prompt(tokenizer, text: str, syntax: str, matcher: Optional[Matcher] = None) -> PromptTokens:
-    """`text`'s chunks in `syntax` ("plain" or "a1111") for `tokenizer`."""
-    special = Special.of(tokenizer)
-    fragments = parse_prompt(text, syntax)
-    texts = [t for t, w in fragments if w is not None]
-    lists = iter(tokenizer(texts, add_special_tokens=False, verbose=False).input_ids if texts else [])
-    token_lists = [[] if w is None else next(lists) for _, w in fragments]
-    if syntax == "plain":
-        ids, used = _substitute(token_lists[0], matcher)
-        note = None
-        if len(ids) > CHUNK_TOKENS:
-            note = (f"prompt is {len(ids) + 2} tokens long, CLIP takes {CLIP_LENGTH}: {len(ids) - CHUNK_TOKENS} "
-                    f"tokens were dropped: {_dropped_text(tokenizer, ids[CHUNK_TOKENS:])} "
-                    f"(from prompt {text[:60]!r}...)")
-        ids = ids[:CHUNK_TOKENS]
-        row = special.wrap(ids + [special.end] * (CHUNK_TOKENS - len(ids)))
-        return PromptTokens(np.array([row], np.int32), np.ones((1, CLIP_LENGTH), np.float32), tuple(used), note)
+def _plain_tokens(tokenizer, text, token_lists, special: Special, matcher) -> PromptTokens:
+    ids, used = _substitute(token_lists[0], matcher)
+    note = None
+    if len(ids) > CHUNK_TOKENS:
+        note = (f"prompt is {len(ids) + 2} tokens long, CLIP takes {CLIP_LENGTH}: {len(ids) - CHUNK_TOKENS} "
+                f"tokens were dropped: {_dropped_text(tokenizer, ids[CHUNK_TOKENS:])} "
+                f"(from prompt {text[:60]!r}...)")
+    ids = ids[:CHUNK_TOKENS]
+    row = special.wrap(ids + [special.end] * (CHUNK_TOKENS - len(ids)))
+    return PromptTokens(np.array([row], np.int32), np.ones((1, CLIP_LENGTH), np.float32), tuple(used), note)
+
+
+def _a1111_tokens(tokenizer, text, fragments, token_lists, special: Special, matcher) -> PromptTokens:
     chunks, count, used = _a1111_chunks(fragments, token_lists, special, matcher)
     note = None
     if len(chunks) > MAX_PROMPT_CHUNKS:
@@ -185,3 +182,16 @@ def tokenize_prompt(tokenizer, text: str, syntax: str, matcher: Optional[Matcher
     ids = np.array([special.wrap(c) for c, _ in chunks], np.int32)
     weights = np.array([[1.0] + w + [1.0] for _, w in chunks], np.float32)
     return PromptTokens(ids, weights, tuple(dict.fromkeys(used)), note)
+
+
+def tokenize_prompt(tokenizer, text: str, syntax: str, matcher: Optional[Matcher] = None) -> PromptTokens:
+    """`text`'s chunks in `syntax` ("plain" or "a1111") for `tokenizer`; `matcher` finds the
+    loaded embeddings' tokens."""
+    special = Special.of(tokenizer)
+    fragments = parse_prompt(text, syntax)
+    texts = [t for t, w in fragments if w is not None]
+    lists = iter(tokenizer(texts, add_special_tokens=False, verbose=False).input_ids if texts else [])
+    token_lists = [[] if w is None else next(lists) for _, w in fragments]  # A1111 tokenizes each fragment
+    if syntax == "plain":
+        return _plain_tokens(tokenizer, text, token_lists, special, matcher)
+    return _a1111_tokens(tokenizer, text, fragments, token_lists, special, matcher)

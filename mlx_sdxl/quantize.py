@@ -16,6 +16,11 @@ Parameter names are those of `nn.QuantizedLinear` (weight, scales, biases,
 bias); bits and group size are plain attributes, so saved files hold only the
 arrays and `quantization_info` gives the settings to record beside them.
 
+Both take an optional `side`: a callable of the layer's input whose output is
+added to the layer's (None by default). LoRA adapters use it to run beside the
+packed weight, y = W_q x + s·B(A x), without a dense copy of W (mlx_sdxl.lora).
+It is a plain attribute, not a parameter: saved files never hold it.
+
 A layer whose input size (kh·kw·I for convs) is not a multiple of the group
 size stays dense, as do grouped convs, norms and embeddings. Embeddings are
 left dense on purpose: a lookup reads only a few rows (no speed to gain), and
@@ -25,7 +30,7 @@ for CLIP the token embedding is under 10% of the encoder.
 from __future__ import annotations
 
 import numbers
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -94,6 +99,7 @@ class QLinear(nn.Module):
         _check_divisible("QLinear", input_dims, group_size)
         self.bits, self.group_size = int(bits), int(group_size)
         self.dense_tokens: Optional[int] = None  # None: dense_tokens_default()
+        self.side: Optional[Callable[[mx.array], mx.array]] = None  # adapters beside the weight
         self.weight, self.scales, self.biases = _placeholders(output_dims, input_dims, bits, group_size, dtype)
         if bias:
             self.bias = mx.zeros((output_dims,), dtype=dtype)
@@ -121,10 +127,12 @@ class QLinear(nn.Module):
         threshold = self.dense_tokens if self.dense_tokens is not None else dense_tokens_default()
         if x.size // x.shape[-1] >= threshold:
             w = self.dense_weight(after=x).T
-            return mx.addmm(self.bias, x, w) if "bias" in self else x @ w
-        y = mx.quantized_matmul(x, self.weight, self.scales, self.biases, transpose=True,
-                                group_size=self.group_size, bits=self.bits)
-        return y + self.bias if "bias" in self else y
+            y = mx.addmm(self.bias, x, w) if "bias" in self else x @ w
+        else:
+            y = mx.quantized_matmul(x, self.weight, self.scales, self.biases, transpose=True,
+                                    group_size=self.group_size, bits=self.bits)
+            y = y + self.bias if "bias" in self else y
+        return y if self.side is None else y + self.side(x)
 
 
 class QConv2d(nn.Module):
@@ -140,6 +148,7 @@ class QConv2d(nn.Module):
         self.bits, self.group_size = int(bits), int(group_size)
         self.kernel_shape = (out_channels, kh, kw, in_channels)
         self.stride, self.padding, self.dilation = pair(stride), pair(padding), pair(dilation)
+        self.side: Optional[Callable[[mx.array], mx.array]] = None  # adapters beside the kernel
         self.weight, self.scales, self.biases = _placeholders(out_channels, kh * kw * in_channels, bits,
                                                               group_size, dtype)
         if bias:
@@ -169,7 +178,8 @@ class QConv2d(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         y = mx.conv2d(x, self.dense_weight(after=x), self.stride, self.padding, self.dilation)
-        return y + self.bias if "bias" in self else y
+        y = y + self.bias if "bias" in self else y
+        return y if self.side is None else y + self.side(x)
 
 
 def _fan_in(layer: nn.Module) -> int:

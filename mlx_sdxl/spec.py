@@ -28,7 +28,8 @@ DEFAULT_STEPS = 40
 DEFAULT_GUIDANCE = 5.0
 DEFAULT_HIGH_NOISE_FRAC = 0.8      # the base runs this share of the schedule, the refiner the rest
 DEFAULT_STRENGTH = 0.3             # img2img: the share of the schedule re-run
-DEFAULT_SCHEDULER = "euler"
+DEFAULT_SCHEDULER = "euler"        # when the model's scheduler_config.json names no sampler of ours
+DEFAULT_TCD_ETA = 0.3              # tcd's eta (gamma): TCDScheduler's default and the TCD paper's
 DEFAULT_AESTHETIC_SCORE = 6.0      # refiner conditioning (positive / negative branch)
 DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
 
@@ -60,6 +61,8 @@ MIN_SIDE = 64
 DEFAULT_SIDE = 1024
 DEFAULT_MAX_MEGAPIXELS = 4.2   # 2048×2048 fits; raise it with max_megapixels= / --max-megapixels
 MAX_IMAGES = 64                # images per call (prompts × images per prompt, or CLI seeds)
+RESIZE_MODES = ("crop", "fit", "stretch")  # how an input picture meets a requested size
+DEFAULT_RESIZE = "crop"
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent input pixels are composited over white, as A1111 does
 
 # ---------------------------------------------------------------- metadata
@@ -68,6 +71,23 @@ DEFAULT_METADATA = "minimal"
 
 # ---------------------------------------------------------------- seeds
 MAX_SEED = 2**32 - 1   # seeds are 32-bit unsigned, as in A1111 and ComfyUI
+
+# ---------------------------------------------------------------- server (`mlx-sdxl serve`)
+SERVER_HOST = "127.0.0.1"      # loopback only, unless --host says otherwise
+SERVER_PORT = 7860             # AUTOMATIC1111's port, where its API clients look first
+SERVER_MAX_STEPS = 150         # sampler steps per request (A1111's UI maximum)
+SERVER_MAX_IMAGES = 16         # batch_size × n_iter per request
+SERVER_MAX_BODY_MB = 32.0      # request body size (base64 input images make it large)
+SERVER_MAX_QUEUE = 64          # requests waiting at once; more are refused with 503
+SERVER_PREVIEW_EVERY = 1       # live previews at most every N sampler steps, and only while polled
+
+# ---------------------------------------------------------------- batches (`mlx-sdxl batch`)
+BATCH_LOG = "batch-log.jsonl"  # what each run of a batch did, one JSON object a line, in its output folder
+BATCH_HASH_CHARS = 8           # hex digits of the settings hash in an image's name: <job>-<hash>.png
+BATCH_INDEX_DIGITS = 4         # job numbers in names are zero-padded to at least this many digits
+BATCH_MAX_JOBS = 100_000       # jobs (lines) one job file may hold
+BATCH_MAX_FILE_MB = 64.0       # size of a job file
+BATCH_STAGES = "base@0,refiner@1"  # the one stage split: text encoders + base on rank 0, refiner + VAE on rank 1
 
 Seed = Union[int, Sequence[int], None]
 

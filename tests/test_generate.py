@@ -61,10 +61,13 @@ def test_call_and_refine_return_the_results_images(pipe):
     np.testing.assert_array_equal(pipe(PROMPT, seed=3, **SMALL), pipe.generate(PROMPT, seed=3, **SMALL).images)
     image = np.random.default_rng(0).uniform(0, 1, (64, 64, 3)).astype(np.float32)
     kw = dict(strength=0.5, num_inference_steps=6, seed=4, output_type="np")
-    result = pipe.generate(PROMPT, image=image, **kw)
+    result = pipe.generate(PROMPT, image=image, high_noise_frac=0.0, **kw)  # the refiner alone
     np.testing.assert_array_equal(pipe.refine(image, PROMPT, **kw), result.images)
     assert result.settings[0]["mode"] == "refine" and result.settings[0]["strength"] == 0.5
     assert result.timings[REFINER].steps == 3 and BASE not in result.timings
+    both = pipe.generate(PROMPT, image=image, high_noise_frac=0.8, **kw)  # the base from the img2img step
+    assert (both.timings[BASE].steps, both.timings[REFINER].steps) == (1, 2)  # steps 3 | 4, 5 of 6
+    assert both.settings[0]["mode"] == "img2img"
 
 
 def test_cancelled_result(pipe):
@@ -106,9 +109,10 @@ def test_bad_seeds(pipe, seed, match):
 
 def test_image_to_image_refuses_text_to_image_settings(pipe):
     image = np.zeros((64, 64, 3), np.float32)
-    for kw in (dict(width=64), dict(high_noise_frac=0.5)):
-        with pytest.raises(InputError, match="does not apply to image to image"):
-            pipe.generate(PROMPT, image=image, **kw)
+    with pytest.raises(InputError, match="latents does not apply"):
+        pipe.generate(PROMPT, image=image, latents=np.zeros((1, 8, 8, 4), np.float32))
+    with pytest.raises(InputError, match="give both width and height"):
+        pipe.generate(PROMPT, image=image, width=64)
 
 
 def test_stage_hooks_run_inside_each_step(pipe):

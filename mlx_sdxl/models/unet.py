@@ -493,13 +493,26 @@ class UNet2DConditionModel(nn.Module):
 
     def __call__(self, sample: mx.array, timestep, encoder_hidden_states: mx.array,
                  text_embeds: Optional[mx.array] = None, time_ids: Optional[mx.array] = None,
-                 cross_kv: Optional[Sequence[Tuple[mx.array, mx.array]]] = None) -> mx.array:
+                 cross_kv: Optional[Sequence[Tuple[mx.array, mx.array]]] = None,
+                 down_block_additional_residuals: Optional[Sequence[mx.array]] = None,
+                 mid_block_additional_residual: Optional[mx.array] = None) -> mx.array:
         """Noise prediction (B, H, W, out_channels) for NHWC `sample` at `timestep` (scalar or (B,)).
 
         `cross_kv`, optional: `cross_attention_kv(encoder_hidden_states)` made
-        beforehand, so that repeated calls with one context skip its projections."""
-        return self._forward(*self._forward_args(sample, timestep, encoder_hidden_states, text_embeds, time_ids,
-                                                 cross_kv))
+        beforehand, so that repeated calls with one context skip its projections.
+        `down_block_additional_residuals` (one per skip, shapes: `skip_shapes`) and
+        `mid_block_additional_residual`, optional and together: ControlNet residuals, added
+        to the skips and to the mid block's output as diffusers adds them."""
+        args = self._forward_args(sample, timestep, encoder_hidden_states, text_embeds, time_ids, cross_kv)
+        return self._forward(*args, **self._residuals(sample, down_block_additional_residuals,
+                                                      mid_block_additional_residual))
+
+    def _residuals(self, sample, down, mid) -> dict:
+        """`_forward`'s keyword arguments for ControlNet residuals, checked: {} without them."""
+        if down is None and mid is None:
+            return {}
+        check_residuals(self.config, sample.shape, down, mid)
+        return {"down_res": list(down), "mid_res": mid}
 
     def _forward_args(self, sample, timestep, context, text_embeds, time_ids, cross_kv):
         """The checked arguments of `_forward`: the timestep as a float32 array, and the
@@ -513,7 +526,7 @@ class UNet2DConditionModel(nn.Module):
             cross_kv = self.cross_attention_kv(context)
         return sample, t, cross_kv, text_embeds, time_ids
 
-    def _forward(self, sample, t, cross_kv, text_embeds, time_ids) -> mx.array:
+    def _forward(self, sample, t, cross_kv, text_embeds, time_ids, down_res=None, mid_res=None) -> mx.array:
         cfg, dtype = self.config, self.dtype
         b = sample.shape[0]
         x = sample.astype(dtype)
@@ -529,7 +542,11 @@ class UNet2DConditionModel(nn.Module):
         for block in self.down_blocks:
             x, s = block(x, emb, cross_kv)
             skips += s
+        if down_res is not None:  # ControlNet: a residual for every skip
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_res)]
         x = self.mid_block(x, emb, cross_kv)
+        if mid_res is not None:  # ... and one for the mid block's output
+            x = x + mid_res.astype(x.dtype)
         for block in self.up_blocks:
             count = len(block.resnets)
             target = skips[-count - 1].shape[1:3] if len(skips) > count else None
@@ -538,7 +555,8 @@ class UNet2DConditionModel(nn.Module):
 
     def compiled(self):
         """This forward pass as one compiled MLX function, f(sample, timestep, context,
-        text_embeds, time_ids, cross_kv=None): elementwise work fuses across layers,
+        text_embeds, time_ids, cross_kv=None, down_block_additional_residuals=None,
+        mid_block_additional_residual=None): elementwise work fuses across layers,
         so a step launches fewer kernels than the eager model (see docs/performance.md).
         It traces once per input shape; a float timestep is passed on as
         an array, so new timestep values reuse the trace. The cross-attention keys
@@ -548,11 +566,44 @@ class UNet2DConditionModel(nn.Module):
         at once)."""
         forward = mx.compile(self._forward, inputs=self.state)
 
-        def call(sample, timestep, context, text_embeds=None, time_ids=None, cross_kv=None):
-            # checked before tracing, so bad input gets a clear error
-            return forward(*self._forward_args(sample, timestep, context, text_embeds, time_ids, cross_kv))
+        def call(sample, timestep, context, text_embeds=None, time_ids=None, cross_kv=None,
+                 down_block_additional_residuals=None, mid_block_additional_residual=None):
+            # checked before tracing, so bad input gets a clear error; without residuals the
+            # call (and its trace) is the plain one
+            args = self._forward_args(sample, timestep, context, text_embeds, time_ids, cross_kv)
+            return forward(*args, **self._residuals(sample, down_block_additional_residuals,
+                                                    mid_block_additional_residual))
 
         return call
+
+
+def skip_shapes(cfg: UNetConfig, batch: int, height: int, width: int) -> Tuple[List[tuple], tuple]:
+    """NHWC shapes of the down path's skips (conv_in's output first) and of the mid block's
+    output, for latents of height × width: the shapes of ControlNet residuals."""
+    ch, h, w = cfg.block_out_channels, height, width
+    down = [(batch, h, w, ch[0])]
+    for i, c in enumerate(ch):
+        down += [(batch, h, w, c)] * cfg.layers_per_block[i]
+        if i < len(ch) - 1:  # stride-2 conv: ceil(n / 2) with padding 1; the bottom/right-padded form floors
+            h, w = ((h + 1) // 2, (w + 1) // 2) if cfg.downsample_padding == 1 else (h // 2, w // 2)
+            down.append((batch, h, w, c))
+    return down, (batch, h, w, ch[-1])
+
+
+def check_residuals(cfg: UNetConfig, sample_shape, down, mid) -> None:
+    """InputError unless `down` (one per skip) and `mid` fit a UNet call on `sample_shape`
+    (a residual pooled to 1×1, as global-pooling ControlNets give, broadcasts)."""
+    if down is None or mid is None:
+        raise InputError("pass down_block_additional_residuals and mid_block_additional_residual together "
+                         "(the residuals a ControlNet returns)")
+    want_down, want_mid = skip_shapes(cfg, *sample_shape[:3])
+    if len(down) != len(want_down):
+        raise InputError(f"down_block_additional_residuals has {len(down)} entries; this UNet has "
+                         f"{len(want_down)} skip connections")
+    for i, (r, want) in enumerate(zip([*down, mid], [*want_down, want_mid])):
+        if tuple(r.shape) not in (want, (want[0], 1, 1, want[3])):
+            what = "mid_block_additional_residual" if i == len(down) else f"down_block_additional_residuals[{i}]"
+            raise InputError(f"{what} has shape {tuple(r.shape)}; this UNet call needs {want} (NHWC)")
 
 
 def unet_from_weights(config: UNetConfig, weights: dict, dtype=None) -> UNet2DConditionModel:

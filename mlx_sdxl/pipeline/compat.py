@@ -8,13 +8,24 @@ from ..errors import WeightsError
 from ..sources import ModelSource
 
 
+def inpainting_channels(latent: int) -> int:
+    """An inpainting UNet reads the latents, the mask and the masked image's latents."""
+    return 2 * latent + 1
+
+
+def is_inpainting(source: ModelSource) -> bool:
+    unet = source.configs["unet"]
+    return unet.get("in_channels", 4) == inpainting_channels(unet.get("out_channels", 4))
+
+
 def check_compatible(base: ModelSource, refiner: Optional[ModelSource], vae: ModelSource) -> None:
     vae_cfg = vae.configs["vae"]
+    latent = vae_cfg.get("latent_channels", 4)
     for src in filter(None, (base, refiner)):
         unet = src.configs["unet"]
-        if unet.get("in_channels", 4) != vae_cfg.get("latent_channels", 4):
-            raise WeightsError(f"the {src.role} UNet takes {unet.get('in_channels')} latent channels but the VAE "
-                               f"makes {vae_cfg.get('latent_channels')}")
+        if unet.get("in_channels", 4) not in (latent, inpainting_channels(latent)):
+            raise WeightsError(f"the {src.role} UNet takes {unet.get('in_channels')} input channels but the VAE "
+                               f"makes {latent} (an inpainting UNet takes {inpainting_channels(latent)})")
     if refiner is None:
         return
     te2_b, te2_r = base.configs["text_encoder_2"], refiner.configs["text_encoder_2"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -10,6 +10,7 @@ import numpy as np
 from ..errors import InputError
 from ..spec import ALPHA_BACKGROUND, MIN_SIDE, check_image_count, check_pixels
 from .health import nonfinite, nonfinite_error
+from .resize import resize_pixels
 
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -43,28 +44,28 @@ def rgb_pixels(im, background=ALPHA_BACKGROUND) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
 
 
-def _pil_arrays(images, factor: int) -> np.ndarray:
-    from PIL import Image
+def _pil_arrays(images, factor: int, size: Optional[Tuple[int, int]], mode: str) -> np.ndarray:
+    from PIL import ImageOps
 
     arrays = []
     for im in images:
         w, h = im.size
-        if w < MIN_SIDE or h < MIN_SIDE:
+        if size is None and (w < MIN_SIDE or h < MIN_SIDE):  # kept at its own size: it must be one we make
             raise InputError(f"image must be at least {MIN_SIDE}x{MIN_SIDE}, got {w}x{h}")
-        pixels = rgb_pixels(im)
-        if (w % factor, h % factor) != (0, 0):  # resize down to a multiple of the VAE factor
-            resized = [np.asarray(Image.fromarray(pixels[..., c], "F").resize((w - w % factor, h - h % factor),
-                                                                              Image.LANCZOS)) for c in range(3)]
-            pixels = np.clip(np.stack(resized, axis=-1), 0, 1)
-        arrays.append(pixels.astype(np.float32))
+        im = ImageOps.exif_transpose(im)
+        w, h = im.size
+        target, how = (size, mode) if size is not None else ((w - w % factor, h - h % factor), "stretch")
+        arrays.append(resize_pixels(im, rgb_pixels(im), target, how).astype(np.float32))
     if len({a.shape for a in arrays}) > 1:
         raise InputError("all images must have the same size")
     return np.stack(arrays)
 
 
-def image_batch(image, factor: int, max_megapixels: float) -> np.ndarray:
+def image_batch(image, factor: int, max_megapixels: float, size: Optional[Tuple[int, int]] = None,
+                resize: str = "crop") -> np.ndarray:
     """PIL image(s) or an NHWC / HWC array in [0, 1] → float32 NHWC. PIL images are resized
-    down to a multiple of `factor`; arrays must already be multiples."""
+    to `size` = (width, height) by the `resize` mode, or else stretched down to a multiple of
+    `factor`; arrays must already be multiples (and of `size`, when given)."""
     from PIL import Image
 
     if isinstance(image, Image.Image):
@@ -73,7 +74,7 @@ def image_batch(image, factor: int, max_megapixels: float) -> np.ndarray:
         check_image_count(len(image))
         for im in image:  # before any pixel is decoded
             check_pixels(im.size[0], im.size[1], max_megapixels, "the input image")
-        pixels = _pil_arrays(image, factor)
+        pixels = _pil_arrays(image, factor, size, resize)
     else:
         try:
             pixels = np.asarray(image, dtype=np.float32)
@@ -90,6 +91,9 @@ def image_batch(image, factor: int, max_megapixels: float) -> np.ndarray:
             raise InputError("image array holds NaN or infinite values; give values in [0, 1]")
         if pixels.shape[1] % factor or pixels.shape[2] % factor:
             raise InputError(f"image height and width must be multiples of {factor}, got {pixels.shape[1:3]}")
+        if size is not None and (pixels.shape[2], pixels.shape[1]) != tuple(size):
+            raise InputError(f"an image array is not resized: give it at {size[0]}x{size[1]}, or leave width and "
+                             f"height out (got {pixels.shape[2]}x{pixels.shape[1]})")
     if pixels.shape[1] < MIN_SIDE or pixels.shape[2] < MIN_SIDE:
         raise InputError(f"image must be at least {MIN_SIDE}x{MIN_SIDE}, got {pixels.shape[2]}x{pixels.shape[1]}")
     return pixels

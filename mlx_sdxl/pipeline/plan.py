@@ -20,14 +20,15 @@ import numpy as np
 from ..conditioning import Prompt, as_list, base_time_ids, refiner_time_ids, size_pair
 from ..errors import InputError
 from ..identity import check_mode
-from ..schedulers import Scheduler, img2img_start, make_scheduler, split_for_handoff
+from ..schedulers import Scheduler, make_scheduler, split_for_handoff
 from ..sources import ModelSource
 from ..spec import (BASE, DEFAULT_AESTHETIC_SCORE, DEFAULT_GUIDANCE, DEFAULT_HIGH_NOISE_FRAC,
-                    DEFAULT_MAX_MEGAPIXELS, DEFAULT_METADATA, DEFAULT_PROMPT_SYNTAX, DEFAULT_NEGATIVE_AESTHETIC_SCORE, DEFAULT_SCHEDULER, DEFAULT_SIDE, DEFAULT_STEPS,
+                    DEFAULT_MAX_MEGAPIXELS, DEFAULT_METADATA, DEFAULT_RESIZE, DEFAULT_PROMPT_SYNTAX,
+                    DEFAULT_NEGATIVE_AESTHETIC_SCORE, DEFAULT_SCHEDULER, DEFAULT_SIDE, DEFAULT_STEPS,
                     DEFAULT_STRENGTH, MAX_SEED, REFINER, Seed, check_image_count, check_pixels,
                     check_prompt_syntax, check_side, image_seeds, is_int)
-from .images import image_batch
 from .prompts import PromptTexts
+from .compat import is_inpainting
 from .stage import Guidance, Stage, per_image_normal
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -64,6 +65,10 @@ class Request:
     negative_target_size: Optional[Tuple[int, int]] = None
     clip_skip: Optional[int] = None
     sample_posterior: bool = True
+    mask_image: object = None                 # inpainting: white = repaint (PIL image or (H, W) array)
+    mask_blur: float = 0.0                    # pixels of Gaussian blur on the mask's edge
+    padding_mask_crop: Optional[int] = None   # repaint only a box this much around the mask
+    resize: str = DEFAULT_RESIZE              # how an input picture meets width x height
     output_type: str = "pil"
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     metadata: str = DEFAULT_METADATA          # what the images record: "minimal", "full" or "none"
@@ -77,11 +82,15 @@ class Request:
 
 @dataclass(frozen=True)
 class ImageStart:
-    """Img2img: the image's latents, noised to the first stage's first step."""
+    """Image to image: the image's latents, noised to the first stage's first step (or pure
+    noise when inpainting at strength 1); with a mask, how the known region is kept."""
 
     pixels: np.ndarray
     noise: mx.array
     posterior_keys: Optional[Tuple[mx.array, ...]]  # None: the posterior mean
+    mask: Optional[np.ndarray] = None               # (H, W) of 0/1, 1 = repaint
+    pure_noise: bool = False
+    paste: Optional[object] = None                  # inpaint.PasteBack: composite over the original
 
 
 @dataclass(frozen=True)
@@ -96,7 +105,7 @@ class Plan:
 
 
 # ---------------------------------------------------------------- checks
-def _number(value, name: str, low: float, high: float = math.inf, low_open: bool = False) -> float:
+def number(value, name: str, low: float, high: float = math.inf, low_open: bool = False) -> float:
     ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value) \
         and (value > low if low_open else value >= low) and value <= high
     if not ok:
@@ -105,11 +114,15 @@ def _number(value, name: str, low: float, high: float = math.inf, low_open: bool
     return float(value)
 
 
-def _check_common(req: Request, base: ModelSource) -> Scheduler:
+def latent_channels(source: ModelSource) -> int:
+    return source.configs["unet"].get("out_channels", 4)
+
+
+def check_common(req: Request, base: ModelSource) -> Scheduler:
     if not is_int(req.num_inference_steps) or req.num_inference_steps < 1:
         raise InputError(f"num_inference_steps must be an integer >= 1, got {req.num_inference_steps!r}")
-    _number(req.guidance_scale, "guidance_scale", 0)
-    _number(req.guidance_rescale, "guidance_rescale", 0, 1)
+    number(req.guidance_scale, "guidance_scale", 0)
+    number(req.guidance_rescale, "guidance_rescale", 0, 1)
     check_mode(req.metadata)
     check_prompt_syntax(req.prompt_syntax)
     if req.output_type not in OUTPUT_TYPES:
@@ -123,13 +136,13 @@ def _check_common(req: Request, base: ModelSource) -> Scheduler:
     return sched
 
 
-def _seed_keys(req: Request, batch: int) -> Tuple[List[int], List[mx.array]]:
+def seed_keys(req: Request, batch: int) -> Tuple[List[int], List[mx.array]]:
     """One seed per image, and each seed's three keys (initial noise, first stage, second stage)."""
     seeds = image_seeds(req.seed, batch, lambda: secrets.randbelow(MAX_SEED + 1))
     return seeds, [mx.random.split(mx.random.key(s), 3) for s in seeds]
 
 
-def _given_noise(value, shape, what: str, hint: str = "") -> mx.array:
+def given_noise(value, shape, what: str, hint: str = "") -> mx.array:
     noise = value if isinstance(value, mx.array) else mx.array(value)
     if tuple(noise.shape) != tuple(shape):
         raise InputError(f"{what} must have shape {tuple(shape)}{hint}, got {tuple(noise.shape)}")
@@ -143,7 +156,7 @@ def _per_image(value, i: int, per_prompt: int):
     return value
 
 
-def _settings(req: Request, seeds: List[int], **fields) -> List[dict]:
+def record_settings(req: Request, seeds: List[int], **fields) -> List[dict]:
     common = dict(num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
                   guidance_rescale=req.guidance_rescale, scheduler=req.scheduler, clip_skip=req.clip_skip,
                   prompt_syntax=req.prompt_syntax, **fields)
@@ -155,30 +168,32 @@ def _settings(req: Request, seeds: List[int], **fields) -> List[dict]:
 # ---------------------------------------------------------------- plans
 def text_to_image(req: Request, base: ModelSource, refiner: Optional[ModelSource], factor: int) -> Plan:
     prompts = as_list(req.prompt, "prompt")
-    sched = _check_common(req, base)
+    sched = check_common(req, base)
     width = check_side(DEFAULT_SIDE if req.width is None else req.width, "width")
     height = check_side(DEFAULT_SIDE if req.height is None else req.height, "height")
     if width % factor or height % factor:
         raise InputError(f"width and height must be multiples of {factor} for this VAE")
     check_pixels(width, height, req.max_megapixels)
-    frac = _number(DEFAULT_HIGH_NOISE_FRAC if req.high_noise_frac is None else req.high_noise_frac,
+    frac = number(DEFAULT_HIGH_NOISE_FRAC if req.high_noise_frac is None else req.high_noise_frac,
                    "high_noise_frac", 0, 1, low_open=True)
     batch = len(prompts) * req.num_images_per_prompt
     check_image_count(batch)
-    shape = (batch, height // factor, width // factor, base.configs["unet"].get("in_channels", 4))
-    seeds, keys = _seed_keys(req, batch)
+    if is_inpainting(base):
+        raise InputError("the base UNet is an inpainting model (9 input channels): give image= and mask_image=")
+    shape = (batch, height // factor, width // factor, latent_channels(base))
+    seeds, keys = seed_keys(req, batch)
     if req.latents is None:
         noise = per_image_normal(shape, [k[0] for k in keys])
     else:
-        noise = _given_noise(req.latents, shape, "latents", f" (batch, height/{factor}, width/{factor}, {shape[3]})")
+        noise = given_noise(req.latents, shape, "latents", f" (batch, height/{factor}, width/{factor}, {shape[3]})")
     original = size_pair(req.original_size, (height, width), "original_size")
     target = size_pair(req.target_size, (height, width), "target_size")
     crops = size_pair(req.crops_coords_top_left, (0, 0), "crops_coords_top_left")
     neg_crops = size_pair(req.negative_crops_coords_top_left, (0, 0), "negative_crops_coords_top_left")
     neg_original = size_pair(req.negative_original_size, None, "negative_original_size")
     neg_target = size_pair(req.negative_target_size, None, "negative_target_size")
-    aesthetic = _number(req.aesthetic_score, "aesthetic_score", -math.inf)
-    neg_aesthetic = _number(req.negative_aesthetic_score, "negative_aesthetic_score", -math.inf)
+    aesthetic = number(req.aesthetic_score, "aesthetic_score", -math.inf)
+    neg_aesthetic = number(req.negative_aesthetic_score, "negative_aesthetic_score", -math.inf)
 
     use_refiner = refiner is not None and frac < 1
     n_total = req.num_inference_steps
@@ -194,52 +209,15 @@ def text_to_image(req: Request, base: ModelSource, refiner: Optional[ModelSource
         ids = refiner_time_ids(original, crops, aesthetic, neg_original or original, neg_crops, neg_aesthetic)
         stages.append(Stage(REFINER, refiner, rsched, range(n_base, n_total), guidance, ids,
                             tuple(k[2] for k in keys)))
-    settings = _settings(req, seeds, mode="generate", width=width, height=height,
+    settings = record_settings(req, seeds, mode="generate", width=width, height=height,
                          high_noise_frac=frac if use_refiner else None,
                          aesthetic_score=req.aesthetic_score if use_refiner else None)
     return Plan(req, tuple(stages), seeds, batch, noise.astype(mx.float32) * sched.init_noise_sigma, None, settings)
 
 
-def image_to_image(req: Request, base: ModelSource, refiner: Optional[ModelSource], factor: int) -> Plan:
-    prompts = as_list(req.prompt, "prompt")
-    sched = _check_common(req, base)
-    for name in ("width", "height", "high_noise_frac", "latents"):
-        if getattr(req, name) is not None:
-            raise InputError(f"{name} does not apply to image to image (the image's own size is used, "
-                             "and one model runs the last `strength` share of the schedule)")
-    strength = _number(req.strength, "strength", 0, 1, low_open=True)
-    start = img2img_start(req.num_inference_steps, strength)  # refuses a strength that leaves no step
-    batch = len(prompts) * req.num_images_per_prompt
-    check_image_count(batch)
-    pixels = image_batch(req.image, factor, req.max_megapixels)
-    if pixels.shape[0] not in (1, batch):
-        raise InputError(f"got {pixels.shape[0]} images for a batch of {batch}")
-    h, w = pixels.shape[1], pixels.shape[2]
-    shape = (batch, h // factor, w // factor, base.configs["unet"].get("in_channels", 4))
-    seeds, keys = _seed_keys(req, batch)
-    noise = per_image_normal(shape, [k[1] for k in keys]) if req.noise is None else \
-        _given_noise(req.noise, shape, "noise")
-    source = refiner or base
-    original = size_pair(req.original_size, (h, w), "original_size")
-    crops = size_pair(req.crops_coords_top_left, (0, 0), "crops_coords_top_left")
-    neg_crops = size_pair(req.negative_crops_coords_top_left, (0, 0), "negative_crops_coords_top_left")
-    if source.role == REFINER:
-        neg_original = size_pair(req.negative_original_size, original, "negative_original_size")
-        ids = refiner_time_ids(original, crops, _number(req.aesthetic_score, "aesthetic_score", -math.inf),
-                               neg_original, neg_crops,
-                               _number(req.negative_aesthetic_score, "negative_aesthetic_score", -math.inf))
-    else:
-        ids = base_time_ids(original, crops, size_pair(req.target_size, (h, w), "target_size"), None, neg_crops,
-                            None)
-    stage = Stage(source.role, source, sched, range(start, req.num_inference_steps),
-                  Guidance(req.guidance_scale, req.guidance_rescale), ids, tuple(k[2] for k in keys))
-    image = ImageStart(pixels, noise, tuple(k[0] for k in keys) if req.sample_posterior else None)
-    settings = _settings(req, seeds, mode="refine", strength=strength, width=w, height=h,
-                         aesthetic_score=req.aesthetic_score if source.role == REFINER else None)
-    return Plan(req, (stage,), seeds, batch, None, image, settings)
-
-
 def make_plan(req: Request, base: ModelSource, refiner: Optional[ModelSource], factor: int) -> Plan:
-    build = text_to_image if req.image is None else image_to_image
-    return build(req, base, refiner, factor)
+    if req.image is None:
+        return text_to_image(req, base, refiner, factor)
+    from .image_plan import image_to_image
 
+    return image_to_image(req, base, refiner, factor)

@@ -17,14 +17,15 @@ from ..errors import InputError
 from ..identity import source_fields
 from ..sources import ModelSource, is_converted, open_source, vae_source
 from ..spec import (BASE, DEFAULT_AESTHETIC_SCORE, DEFAULT_GROUP_SIZE, DEFAULT_GUIDANCE, DEFAULT_HIGH_NOISE_FRAC,
-                    DEFAULT_MAX_MEGAPIXELS, DEFAULT_METADATA, DEFAULT_PROMPT_SYNTAX,
-                    DEFAULT_NEGATIVE_AESTHETIC_SCORE, DEFAULT_SCHEDULER, DEFAULT_SIDE, DEFAULT_STEPS,
+                    DEFAULT_MAX_MEGAPIXELS, DEFAULT_METADATA, DEFAULT_PROMPT_SYNTAX, DEFAULT_RESIZE,
+                    DEFAULT_NEGATIVE_AESTHETIC_SCORE, DEFAULT_SCHEDULER, DEFAULT_STEPS,
                     DEFAULT_STRENGTH, DECODE, REFINER, TEXT_ENCODERS, Seed)
 from ..weights import parse_dtype
 from . import images as pixels
 from .cache import ModelCache, Quantization
 from .compat import check_compatible
-from .health import nonfinite, nonfinite_error
+from .image_run import image_latents, paste_results
+from .health import nonfinite_error
 from .plan import Plan, Request, make_plan
 from .prompts import PromptTexts, embeddings_used, encode_conditioning, encode_prompt, encoder_flags
 from .result import GenerationResult, StageTiming
@@ -148,6 +149,37 @@ class SDXLPipeline:
         with self._lock:
             return self.embeddings.add(emb, widths, self.base.tokenizer("tokenizer"))
 
+    # ------------------------------------------------------------------ LoRAs (mlx_sdxl.lora)
+    def load_lora(self, source, scale: float = 1.0, *, name: Optional[str] = None, target: str = BASE) -> str:
+        """Load a LoRA (kohya/A1111, diffusers/PEFT, LyCORIS LoHa/LoKr) onto the base or refiner:
+        its UNet and, where the file has text-encoder parts, the matching text encoders.
+        `source`: a .safetensors file, a folder holding one, or a hub id. Returns its name
+        (default: the file's stem). Dense weights get it fused; quantized layers run it beside."""
+        from ..lora import open_lora
+
+        model = self._source(target)
+        lora = open_lora(source, model, name=name, scale=scale, others=[self.base, self.refiner])
+        with self._lock:
+            self.models.add_lora(lora, model)
+        return lora.name
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Change a loaded LoRA's scale (negative ones too; 0 turns it off)."""
+        from ..lora import check_scale
+
+        with self._lock:
+            self.models.set_lora_scale(name, check_scale(scale), self._source(self.models.loras.get(name).role))
+
+    def unload_lora(self, name: Optional[str] = None) -> None:
+        """Take a LoRA off (None: all of them); the weights it changed are read again from the model's files."""
+        with self._lock:
+            self.models.remove_lora(name, (self.base, self.refiner))
+
+    @property
+    def loras(self) -> dict:
+        """{name: scale} of the loaded LoRAs, in load order."""
+        return self.models.loras.scales()
+
     def decode_latents(self, latents: mx.array):
         """Latents (scheduler space) → NHWC float32 images in [0, 1]."""
         return pixels.decode_latents(self.vae, latents, self.scaling_factor, tiled=True if self.low_memory else None)
@@ -163,16 +195,23 @@ class SDXLPipeline:
                  negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE, original_size=None,
                  crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None,
-                 clip_skip: Optional[int] = None, sample_posterior: bool = True, output_type: str = "pil",
-                 max_megapixels: float = DEFAULT_MAX_MEGAPIXELS, metadata: str = DEFAULT_METADATA,
-                 prompt_syntax: str = DEFAULT_PROMPT_SYNTAX,
+                 clip_skip: Optional[int] = None, sample_posterior: bool = True, mask_image=None,
+                 mask_blur: float = 0.0, padding_mask_crop: Optional[int] = None, resize: str = DEFAULT_RESIZE,
+                 output_type: str = "pil", max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+                 metadata: str = DEFAULT_METADATA, prompt_syntax: str = DEFAULT_PROMPT_SYNTAX,
                  callback: Optional[Callback] = None) -> GenerationResult:
         """Generate images and return a GenerationResult (images, seeds, settings, timings).
 
         Without `image`: text to image at `width`×`height` (default 1024²); the base runs
         the first `high_noise_frac` (default 0.8) of the schedule, the refiner the rest.
-        With `image`: image to image; the refiner (the base when there is none) re-runs
-        the last `strength` share of the schedule on the VAE-encoded image.
+        With `image`: image to image: the last `strength` share of the schedule is re-run
+        on the VAE-encoded image, by the base up to the hand-off and the refiner after it
+        (`high_noise_frac=0`: the refiner alone, as `refine`). `width`/`height` resize the
+        image (`resize`: "crop", "fit" or "stretch"); `noise` is the noise added to it and
+        `sample_posterior=False` encodes it to the posterior mean.
+        With `mask_image` too (white = repaint): inpainting, with a 9-channel inpainting UNet
+        or by blending the known region back after every step; `mask_blur` softens the edge
+        and `padding_mask_crop` repaints only a box that much around the mask.
         `seed`: one int S (images get S, S+1, ...), one per image, or None for a random one.
         Sizes over `max_megapixels` (default 4.2, i.e. 2048×2048) are refused before any work.
         `metadata`: what each image records: "minimal" (model identifiers, no paths), "full"
@@ -188,7 +227,7 @@ class SDXLPipeline:
                  prompt_2: Optional[Prompt] = None, negative_prompt_2: Optional[Prompt] = None,
                  num_inference_steps: int = DEFAULT_STEPS, high_noise_frac: float = DEFAULT_HIGH_NOISE_FRAC,
                  guidance_scale: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0,
-                 width: int = DEFAULT_SIDE, height: int = DEFAULT_SIDE, num_images_per_prompt: int = 1,
+                 width: Optional[int] = None, height: Optional[int] = None, num_images_per_prompt: int = 1,
                  seed: Seed = None, latents=None, scheduler: str = DEFAULT_SCHEDULER,
                  aesthetic_score: float = DEFAULT_AESTHETIC_SCORE,
                  negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE, original_size=None,
@@ -196,10 +235,13 @@ class SDXLPipeline:
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None,
                  clip_skip: Optional[int] = None, output_type: str = "pil",
                  max_megapixels: float = DEFAULT_MAX_MEGAPIXELS, prompt_syntax: str = DEFAULT_PROMPT_SYNTAX,
-                 callback: Optional[Callback] = None):
-        """Text to image. Returns a list of PIL images ("pil"), an NHWC float32 array in
-        [0, 1] ("np"), or the final latents ("latent"); None when a callback cancelled
-        the run. `generate` takes the same arguments and returns the whole result."""
+                 image=None, strength: float = DEFAULT_STRENGTH, mask_image=None, mask_blur: float = 0.0,
+                 padding_mask_crop: Optional[int] = None, resize: str = DEFAULT_RESIZE, noise=None,
+                 sample_posterior: bool = True, callback: Optional[Callback] = None):
+        """Text to image at `width`×`height` (default 1024²), or image to image / inpainting
+        with `image` (and `mask_image`), as `generate` describes. Returns a list of PIL
+        images ("pil"), an NHWC float32 array in [0, 1] ("np"), or the final latents
+        ("latent"); None when a callback cancelled the run."""
         return self.generate(**{k: v for k, v in locals().items() if k != "self"}).images
 
     def refine(self, image, prompt: Prompt, negative_prompt: Optional[Prompt] = None, *,
@@ -216,7 +258,7 @@ class SDXLPipeline:
         """Img2img on an existing image with the refiner (or the base when no refiner is
         loaded): VAE-encode, noise to the first kept step, denoise the remaining
         `strength` share of the schedule. Returns what `__call__` returns."""
-        return self.generate(**{k: v for k, v in locals().items() if k != "self"}).images
+        return self.generate(**{k: v for k, v in locals().items() if k != "self"}, high_noise_frac=0.0).images
 
     # ------------------------------------------------------------------ running a plan
     def _run(self, plan: Plan, callback: Optional[Callable]) -> GenerationResult:
@@ -225,14 +267,17 @@ class SDXLPipeline:
         with self._lock:
             try:
                 stages = self._condition(plan, timings)
-                x = plan.latents if plan.image is None else self._image_latents(plan, timings)
+                x = plan.latents
+                if plan.image is not None:
+                    x, stages = image_latents(plan, stages, self.models.get(self.vae_source, "vae", timings),
+                                              self.scaling_factor, self.vae_scale_factor)
                 for stage in stages:
                     unet = self.models.get(stage.source, "unet", timings)
                     x, timings[stage.name] = stage.run(unet, x, callback, forward=self.models.forward(unet))
                     del unet
                     if self.low_memory:
                         self.models.release(stage.source, "unet")
-                images = self._output(x, plan.request, settings, callback, timings)
+                images = self._output(x, plan, settings, callback, timings)
                 return GenerationResult(images, plan.seeds, settings, timings)
             except Cancelled:
                 mx.clear_cache()
@@ -266,18 +311,8 @@ class SDXLPipeline:
                     self.models.release(source, part)
         return stages
 
-    def _image_latents(self, plan: Plan, timings: dict) -> mx.array:
-        start = plan.image
-        vae = self.models.get(self.vae_source, "vae", timings)
-        x0 = pixels.encode_images(vae, start.pixels, self.scaling_factor, start.posterior_keys, plan.batch)
-        bad = nonfinite(x0)
-        mx.eval(x0, bad)
-        if bad.item():
-            raise nonfinite_error("the image's latents hold NaN/inf", "vae", vae)
-        first = plan.stages[0]
-        return first.scheduler.add_noise(x0, start.noise.astype(mx.float32), first.steps.start)
-
-    def _output(self, x, request: Request, settings: list, callback, timings: dict):
+    def _output(self, x, plan: Plan, settings: list, callback, timings: dict):
+        request = plan.request
         if request.output_type == "latent":
             return x
         t0 = time.perf_counter()
@@ -287,6 +322,7 @@ class SDXLPipeline:
         if callback is not None and callback(DECODE, 1, 1, x) is False:
             raise Cancelled()
         timings[DECODE] = StageTiming(time.perf_counter() - t0, 1, mx.get_peak_memory())
+        images = paste_results(images, plan)
         if request.output_type == "np":
             return images
         return pixels.to_pil(images, None if request.metadata == "none" else settings)
@@ -308,4 +344,8 @@ class SDXLPipeline:
         used = embeddings_used(self.base, texts, req.prompt_syntax, self.embeddings)
         if used:
             out["embeddings"] = used  # {token: short hash}: A1111's "TI hashes"
+        roles = {stage.source.role for stage in plan.stages}
+        loras = [lora.record(mode == "full") for lora in self.models.loras if lora.scale != 0 and lora.role in roles]
+        if loras:
+            out["loras"] = loras  # [{name, scale, hash[, target][, path]}]: A1111's "Lora hashes"
         return out

@@ -55,7 +55,9 @@ class Stage:
     `time_ids` are the (positive, negative) micro-conditioning rows the prompt is encoded
     with; `conditioning` is filled in once the text encoders have run. `keys` (one per
     image) feed stochastic samplers. `after_step` hooks transform the latents after each
-    scheduler step, inside the step's single evaluation.
+    scheduler step, inside the step's single evaluation (an inpainting blend).
+    `extra_channels` are appended to the UNet's input (a 9-channel inpainting UNet's mask and
+    masked-image latents), already doubled for guidance.
     """
 
     name: str
@@ -67,6 +69,7 @@ class Stage:
     keys: Tuple[mx.array, ...]
     conditioning: Optional[Conditioning] = None
     after_step: Tuple[StepHook, ...] = ()
+    extra_channels: Optional[mx.array] = None
 
     def run(self, unet, x: mx.array, callback: Optional[Callback] = None,
             forward: Optional[Callable] = None) -> Tuple[mx.array, StageTiming]:
@@ -85,6 +88,8 @@ class Stage:
             xin = sched.scale_model_input(x, i)
             if guided:
                 xin = mx.concatenate([xin, xin], axis=0)
+            if self.extra_channels is not None:
+                xin = mx.concatenate([xin, self.extra_channels], axis=-1)
             eps = forward(xin, t, embeds, text_embeds=pooled, time_ids=time_ids, cross_kv=cross_kv)
             if guided:
                 eps = self.guidance(eps)

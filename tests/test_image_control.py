@@ -1,0 +1,217 @@
+"""Starting from a picture, against diffusers: img2img on the base (with and without the
+refiner hand-off), inpainting with 9- and 4-channel UNets, and padding_mask_crop."""
+
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from mlx_sdxl import SDXLPipeline
+from mlx_sdxl.errors import InputError, WeightsError
+
+torch.set_grad_enabled(False)
+PROMPT = "a photo of a cat"
+TOL = 2e-3
+LATENT_TOL = 1e-4  # relative L2, as the other parity tests
+
+
+def rel_l2(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_sdxl):
+    return SDXLPipeline.from_pretrained(tiny_sdxl[0], tiny_sdxl[1], dtype=mx.float32)
+
+
+@pytest.fixture(scope="module")
+def inpaint9(tiny_sdxl, tmp_path_factory):
+    """The tiny base with a 9-channel (inpainting) UNet, saved in diffusers layout."""
+    from diffusers import StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+
+    from tiny import _randomize
+
+    base = tiny_sdxl[2]
+    config = dict(base.unet.config)
+    config["in_channels"] = 9
+    unet = _randomize(UNet2DConditionModel.from_config(config).eval(), 41, 0.05)
+    pipe = StableDiffusionXLInpaintPipeline(**{**base.components, "unet": unet}, requires_aesthetics_score=False)
+    pipe.set_progress_bar_config(disable=True)
+    folder = tmp_path_factory.mktemp("inpaint9") / "base"
+    pipe.save_pretrained(str(folder))
+    return folder, pipe
+
+
+def _picture(seed, w=64, h=64):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _mask(w=64, h=64):
+    mask = Image.new("L", (w, h), 0)
+    ImageDraw.Draw(mask).ellipse((14, 10, 50, 44), fill=255)  # not a rectangle
+    return mask
+
+
+def _noise(seed, w=64, h=64):
+    return np.random.default_rng(seed).standard_normal((1, h // 8, w // 8, 4)).astype(np.float32)
+
+
+@pytest.fixture()
+def same_noise(monkeypatch):
+    """diffusers draws the added noise with randn_tensor and samples the posterior; give both
+    sides the same noise and the posterior mean."""
+    import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img as img2img_mod
+    import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint as inpaint_mod
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    holder = {}
+
+    def use(noise):
+        holder["noise"] = torch.from_numpy(noise).permute(0, 3, 1, 2).contiguous()
+
+    fake = lambda *a, **k: holder["noise"].clone()  # noqa: E731
+    monkeypatch.setattr(img2img_mod, "randn_tensor", fake)
+    monkeypatch.setattr(inpaint_mod, "randn_tensor", fake)
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    return use
+
+
+def _img2img_pipe(tiny_sdxl):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(tiny_sdxl[2])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.8])
+@pytest.mark.parametrize("handoff", [False, True])
+def test_base_img2img_matches_diffusers(ours, tiny_sdxl, same_noise, strength, handoff):
+    picture, noise = _picture(1), _noise(2)
+    same_noise(noise)
+    common = dict(num_inference_steps=10, strength=strength, output_type="np")
+    if handoff:
+        latents = _img2img_pipe(tiny_sdxl)(PROMPT, image=picture, denoising_end=0.8, **{**common,
+                                                                                       "output_type": "latent"}).images
+        ref = tiny_sdxl[3](PROMPT, image=latents, denoising_start=0.8, num_inference_steps=10, output_type="np").images
+    else:
+        ref = _img2img_pipe(tiny_sdxl)(PROMPT, image=picture, **common).images
+    got = ours.generate(PROMPT, image=picture, noise=noise, sample_posterior=False,
+                        high_noise_frac=0.8 if handoff else 1.0, **common)
+    assert np.abs(got.images - ref).mean() <= TOL
+    latent = dict(common, output_type="latent", noise=noise, sample_posterior=False)
+    plain = ours.refine(picture, PROMPT, **latent)
+    ours_latents = ours.generate(PROMPT, image=picture, high_noise_frac=0.8 if handoff else 1.0, **latent).images
+    assert rel_l2(ours_latents, plain) > 10 * LATENT_TOL  # the base's img2img is not the refiner's
+    assert ("refiner" in got.timings) == handoff
+
+
+def test_inpainting_with_a_4_channel_unet(ours, tiny_sdxl, same_noise):
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    picture, mask, noise = _picture(3), _mask(), _noise(4)
+    same_noise(noise)
+    pipe = StableDiffusionXLInpaintPipeline.from_pipe(tiny_sdxl[2])
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=10, strength=0.99, guidance_scale=5.0, output_type="np")
+    ref = pipe(PROMPT, image=picture, mask_image=mask, **kw).images
+    got = ours.generate(PROMPT, image=picture, mask_image=mask, noise=noise, sample_posterior=False,
+                        high_noise_frac=1.0, **kw).images
+    assert np.abs(got - ref).mean() <= TOL
+    plain = ours.generate(PROMPT, image=picture, noise=noise, sample_posterior=False, high_noise_frac=1.0,
+                          **kw).images
+    assert np.abs(got - plain).mean() > 10 * TOL  # the blend keeps the known region
+
+
+def test_inpainting_with_a_9_channel_unet(inpaint9, same_noise):
+    folder, pipe = inpaint9
+    ours9 = SDXLPipeline.from_pretrained(folder, dtype=mx.float32)
+    picture, mask, noise = _picture(5), _mask(), _noise(6)
+    same_noise(noise)
+    kw = dict(num_inference_steps=8, strength=0.99, guidance_scale=5.0, output_type="np")
+    ref = pipe(PROMPT, image=picture, mask_image=mask, **kw).images
+    got = ours9.generate(PROMPT, image=picture, mask_image=mask, noise=noise, sample_posterior=False, **kw).images
+    assert np.abs(got - ref).mean() <= TOL
+    latent = dict(kw, output_type="latent", noise=noise, sample_posterior=False)
+    a = ours9.generate(PROMPT, image=picture, mask_image=mask, **latent).images
+    b = ours9.generate(PROMPT, image=picture, mask_image=_mask().rotate(90), **latent).images
+    assert rel_l2(a, b) > 10 * LATENT_TOL  # the UNet reads the mask
+    with pytest.raises(InputError, match="inpainting model"):
+        ours9(PROMPT, num_inference_steps=2, width=64, height=64)
+
+
+def test_padding_mask_crop_matches_diffusers(ours, tiny_sdxl, same_noise):
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    picture = _picture(7, 128, 96)
+    mask = Image.new("L", (128, 96), 0)
+    ImageDraw.Draw(mask).polygon([(70, 20), (110, 30), (90, 60)], fill=255)
+    noise = _noise(8)
+    same_noise(noise)
+    pipe = StableDiffusionXLInpaintPipeline.from_pipe(tiny_sdxl[2])
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=8, strength=0.99, guidance_scale=5.0, width=64, height=64)
+    ref = np.asarray(pipe(PROMPT, image=picture, mask_image=mask, padding_mask_crop=4, **kw).images[0])
+    got = ours.generate(PROMPT, image=picture, mask_image=mask, padding_mask_crop=4, noise=noise,
+                        sample_posterior=False, high_noise_frac=1.0, **kw).images[0]
+    assert got.size == picture.size
+    assert np.abs(np.asarray(got, np.float32) - ref).mean() / 255 <= TOL
+    outside = np.asarray(mask) == 0
+    np.testing.assert_array_equal(np.asarray(got)[outside], np.asarray(picture)[outside])  # pasted back
+
+
+def test_refiner_keeps_the_blend_after_an_inpainting_base(ours):
+    """After the last (refiner) step the known region is the image's own latents."""
+    from mlx_sdxl.pipeline.images import encode_images, image_batch
+
+    picture, mask, noise = _picture(9), _mask(), _noise(10)
+    kw = dict(num_inference_steps=10, strength=0.99, noise=noise, sample_posterior=False)
+    both = ours.generate(PROMPT, image=picture, mask_image=mask, high_noise_frac=0.8, output_type="latent", **kw)
+    assert (both.timings["base"].steps, both.timings["refiner"].steps) == (7, 2)
+    x0 = np.array(encode_images(ours.vae, image_batch(picture, 8, 4.2), ours.scaling_factor, None, 1))
+    keep = (np.asarray(mask)[::8, ::8] < 128)[None, :, :, None].repeat(4, axis=-1)
+    latents = np.array(both.images)
+    np.testing.assert_allclose(latents[keep], x0[keep], rtol=1e-6, atol=1e-6)
+    unmasked = np.array(ours.generate(PROMPT, image=picture, high_noise_frac=0.8, output_type="latent", **kw).images)
+    assert np.abs(unmasked[keep] - x0[keep]).mean() > 1e-2  # without the mask it would have changed
+
+
+@pytest.mark.parametrize("mode", ["crop", "fit", "stretch"])
+def test_resize_modes_match_diffusers_geometry(mode):
+    from diffusers.image_processor import VaeImageProcessor
+
+    from mlx_sdxl.pipeline.images import image_batch
+
+    picture = _picture(11, 120, 72)
+    ref = VaeImageProcessor(vae_scale_factor=8).resize(picture, 64, 96, resize_mode={
+        "crop": "crop", "fit": "fill", "stretch": "default"}[mode])
+    got = image_batch(picture, 8, 4.2, size=(96, 64), resize=mode)[0]
+    np.testing.assert_allclose(got, np.asarray(ref, np.float32) / 255, atol=1e-6)
+
+
+def test_bad_masks_and_sizes(ours):
+    picture = _picture(12)
+    with pytest.raises(InputError, match="all black"):
+        ours.generate(PROMPT, image=picture, mask_image=Image.new("L", (64, 64)), num_inference_steps=4)
+    with pytest.raises(InputError, match="strength"):
+        ours.generate(PROMPT, image=picture, strength=0, num_inference_steps=4)
+    with pytest.raises(InputError, match="resize must be one of"):
+        ours.generate(PROMPT, image=picture, width=64, height=64, resize="zoom", num_inference_steps=4)
+    big_mask = _mask(128, 128)  # another size: resized to the image
+    result = ours.generate(PROMPT, image=picture, mask_image=big_mask, num_inference_steps=4, strength=0.5,
+                           output_type="np")
+    assert result.images.shape == (1, 64, 64, 3)
+
+
+def test_inpainting_unet_is_accepted_only_with_its_channels(tiny_sdxl, inpaint9):
+    from mlx_sdxl.sources import diffusers_folder
+
+    source = diffusers_folder(inpaint9[0])
+    source.configs["unet"] = dict(source.configs["unet"], in_channels=7)
+    with pytest.raises(WeightsError, match="input channels"):
+        SDXLPipeline(source, dtype=mx.float32)
