@@ -34,7 +34,7 @@ from .tempfiles import remove_stale
 from .spec import (BITS, DEFAULT_BASE_ID, DEFAULT_MAX_MEGAPIXELS, DEFAULT_METADATA, MAX_IMAGES, METADATA_MODES, DEFAULT_GUIDANCE, DEFAULT_HIGH_NOISE_FRAC, DEFAULT_REFINER_ID,
                    DEFAULT_SCHEDULER, DEFAULT_SIDE, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_SEED, MIN_SIDE,
                    SIZE_MULTIPLE, check_image_count, check_pixels, is_int)
-from .spec import CLI_PROMPT_SYNTAX, PROMPT_SYNTAXES
+from .spec import CLI_PROMPT_SYNTAX, DEFAULT_RESIZE, PROMPT_SYNTAXES, RESIZE_MODES
 from .version import __version__
 
 PROG = "mlx-sdxl"
@@ -53,13 +53,17 @@ DEFAULTS = {
     "guidance_scale": DEFAULT_GUIDANCE,
     "guidance_rescale": 0.0,
     "scheduler": DEFAULT_SCHEDULER,
-    "width": DEFAULT_SIDE,
-    "height": DEFAULT_SIDE,
+    "width": None,   # DEFAULT_SIDE from text; an input image keeps its own size unless both are given
+    "height": None,
     "refiner_bits": None,
     "low_memory": False,
     "dtype": None,  # float16 on GPU backends, float32 on the CPU backend
     "image": None,
     "strength": DEFAULT_STRENGTH,
+    "mask": None,
+    "mask_blur": 0.0,
+    "padding_mask_crop": None,
+    "resize": DEFAULT_RESIZE,
     "prompt_syntax": CLI_PROMPT_SYNTAX,
 }
 # Recorded names that are display names, not loadable paths, when they come from another tool's infotext.
@@ -103,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("convert", help="convert checkpoints (see 'mlx-sdxl convert --help')", add_help=False)
     sub.add_parser("bench", help="benchmarks (see 'mlx-sdxl bench --help')", add_help=False)
+    sub.add_parser("batch", help="run a file of jobs, resumably, on one or several machines "
+                                 "(see 'mlx-sdxl batch --help')", add_help=False)
     return parser
 
 
@@ -171,9 +177,18 @@ def _add_generate(sub) -> None:
     z.add_argument("--max-megapixels", dest="max_megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
                    metavar="MP", help=f"refuse larger images (default {DEFAULT_MAX_MEGAPIXELS:g} = 2048x2048)")
 
-    r = g.add_argument_group("refining an existing image")
-    r.add_argument("--image", metavar="PATH", help="img2img: refine this image instead of starting from noise")
+    r = g.add_argument_group("starting from an image")
+    r.add_argument("--image", metavar="PATH",
+                   help="img2img: start from this image; the base re-runs the last --strength of the schedule up to "
+                        "the hand-off, the refiner the rest (--high-noise-frac 0: the refiner alone)")
     r.add_argument("--strength", type=float, metavar="F", help=f"share of the schedule re-run (default {DEFAULT_STRENGTH})")
+    r.add_argument("--resize", choices=RESIZE_MODES,
+                   help=f"how --image meets --width/--height (default {DEFAULT_RESIZE}; without them its own size)")
+    r.add_argument("--mask", metavar="PATH", help="inpainting: repaint where this mask is white")
+    r.add_argument("--mask-blur", dest="mask_blur", type=float, metavar="PX",
+                   help="blur the mask's edge by this many pixels and blend the result over the image (default 0)")
+    r.add_argument("--inpaint-only-masked", dest="padding_mask_crop", type=int, nargs="?", const=32, metavar="PAD",
+                   help="repaint only a box around the mask, PAD pixels larger (default 32), at the full size")
 
 
 # ---------------------------------------------------------------- settings
@@ -226,21 +241,7 @@ def validate(settings: dict, explicit: set, args) -> None:
     if settings["prompt"] is None:
         raise CLIError("give a prompt (or --from IMAGE to re-use a stored one)")
     _check_int(settings["num_inference_steps"], 1, "--steps")
-    refine = settings["image"] is not None
-    if not refine:
-        for flag in ("width", "height"):
-            v = settings[flag]
-            if not is_int(v) or v < MIN_SIDE or v % SIZE_MULTIPLE:
-                raise CLIError(f"--{flag} must be a multiple of {SIZE_MULTIPLE} and at least {MIN_SIDE}, got {v!r}")
-        _check_fraction(settings["high_noise_frac"], "--high-noise-frac")
-    else:
-        _check_fraction(settings["strength"], "--strength")
-        for flag in ("width", "height", "high_noise_frac"):
-            if flag in explicit:
-                raise CLIError(f"--{flag.replace('_', '-')} does not apply with --image "
-                               "(the image's own size is used and only the refiner runs)")
-    if "strength" in explicit and not refine:
-        raise CLIError("--strength needs --image (it sets how much of an existing image is re-done)")
+    _validate_image_settings(settings, explicit)
     g = settings["guidance_scale"]
     if not _is_number(g) or g < 0:
         raise CLIError(f"--guidance must be a finite number >= 0, got {g!r}")
@@ -261,8 +262,38 @@ def validate(settings: dict, explicit: set, args) -> None:
         _check_int(args.n_images, 1, "--n-images")
     if not _is_number(args.max_megapixels) or args.max_megapixels <= 0:
         raise CLIError(f"--max-megapixels must be a positive number, got {args.max_megapixels!r}")
-    if not refine:
+    if settings["width"] is not None:
         check_pixels(settings["width"], settings["height"], args.max_megapixels)
+
+
+def _validate_image_settings(settings: dict, explicit: set) -> None:
+    """Size, hand-off and the image-only flags: text needs a size (1024² by default), an image keeps its own
+    unless both sides are given."""
+    from_image = settings["image"] is not None
+    sides = [settings["width"], settings["height"]]
+    if not from_image:
+        settings["width"], settings["height"] = (DEFAULT_SIDE if v is None else v for v in sides)
+    elif (sides[0] is None) != (sides[1] is None):
+        raise CLIError("with --image give both --width and --height (to resize it), or neither")
+    for flag in ("width", "height"):
+        v = settings[flag]
+        if v is not None and (not is_int(v) or v < MIN_SIDE or v % SIZE_MULTIPLE):
+            raise CLIError(f"--{flag} must be a multiple of {SIZE_MULTIPLE} and at least {MIN_SIDE}, got {v!r}")
+    _check_fraction(settings["high_noise_frac"], "--high-noise-frac", allow_zero=from_image)
+    if from_image:
+        _check_fraction(settings["strength"], "--strength")
+    for key, flag in (("strength", "--strength"), ("mask", "--mask"), ("resize", "--resize")):
+        if key in explicit and not from_image:
+            raise CLIError(f"{flag} needs --image (it sets how an existing image is used)")
+    for key, flag in (("mask_blur", "--mask-blur"), ("padding_mask_crop", "--inpaint-only-masked")):
+        if key in explicit and settings["mask"] is None:
+            raise CLIError(f"{flag} needs --mask")
+    blur = settings["mask_blur"]
+    if not _is_number(blur) or not 0 <= blur <= 256:
+        raise CLIError(f"--mask-blur must be a number of pixels in [0, 256], got {blur!r}")
+    pad = settings["padding_mask_crop"]
+    if pad is not None and (not is_int(pad) or pad < 0):
+        raise CLIError(f"--inpaint-only-masked must be an integer >= 0 (pixels), got {pad!r}")
 
 
 def resolve_seeds(seeds: Optional[List[int]], n_images: Optional[int]) -> List[int]:
@@ -316,32 +347,32 @@ def output_paths(output: Optional[str], prompt: str, seeds: List[int], overwrite
     return paths
 
 
-def open_image(path: str, max_megapixels: float):
-    """The --image, checked for size from its header before its pixels are decoded."""
+def open_image(path: str, max_megapixels: float, flag: str = "--image"):
+    """An input image (`flag` names it in errors), checked for size from its header before its pixels are decoded."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            _check_image_size(path, im.size, max_megapixels)
+            _check_image_size(path, im.size, max_megapixels, flag)
             im.load()
             return im.copy()
     except FileNotFoundError:
-        raise InputError(f"--image {path}: file not found") from None
+        raise InputError(f"{flag} {path}: file not found") from None
     except Image.DecompressionBombError:
-        raise InputError(f"--image {path} has too many pixels to be opened safely") from None
+        raise InputError(f"{flag} {path} has too many pixels to be opened safely") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"--image {path} is not a readable image ({e.__class__.__name__})") from None
+        raise InputError(f"{flag} {path} is not a readable image ({e.__class__.__name__})") from None
     except ValueError as e:
         if isinstance(e, SDXLError):
             raise
-        raise InputError(f"--image {path} is not a readable image ({e.__class__.__name__})") from None
+        raise InputError(f"{flag} {path} is not a readable image ({e.__class__.__name__})") from None
 
 
-def _check_image_size(path: str, size, max_megapixels: float) -> None:
+def _check_image_size(path: str, size, max_megapixels: float, flag: str) -> None:
     w, h = size
     if w < MIN_SIDE or h < MIN_SIDE:
-        raise InputError(f"--image {path} is {w}x{h}; it must be at least {MIN_SIDE}x{MIN_SIDE}")
-    check_pixels(w, h, max_megapixels, f"--image {path}")
+        raise InputError(f"{flag} {path} is {w}x{h}; it must be at least {MIN_SIDE}x{MIN_SIDE}")
+    check_pixels(w, h, max_megapixels, f"{flag} {path}")
 
 
 # ---------------------------------------------------------------- commands
@@ -352,16 +383,13 @@ def cmd_generate(args) -> int:
     paths = output_paths(args.output, settings["prompt"], seeds, args.overwrite)
     for folder in {p.parent for p in paths if p.parent.is_dir()}:
         remove_stale(folder)  # temporaries our killed runs left there
-    if "image" not in explicit and settings["image"] is not None and not Path(settings["image"]).expanduser().exists():
-        raise CLIError(f"the image was refined from {settings['image']!r}, which is not here; pass --image PATH")
-    source_image = open_image(settings["image"], args.max_megapixels) if settings["image"] is not None else None
+    source_image, mask_image = (_input_image(settings, explicit, key, args.max_megapixels) for key in ("image", "mask"))
     folder = models_dir(args.models_dir)
     for key in MODEL_KEYS:
         if settings[key] is not None:
             settings[key] = locate(settings[key], key, folder, recorded=bool(args.from_image) and key not in explicit)
     settings["dtype"] = settings["dtype"] or default_dtype()
     refine = source_image is not None
-    settings["mode"] = "refine" if refine else "generate"
     if not refine:
         settings["strength"] = None
 
@@ -390,7 +418,7 @@ def cmd_generate(args) -> int:
             progress.begin()
             if len(seeds) > 1:
                 progress.log(f"image {n}/{len(seeds)}, seed {seed}")
-            _generate_one(pipe, settings, source_image, seed, path, progress, args)
+            _generate_one(pipe, settings, (source_image, mask_image), seed, path, progress, args)
     finally:
         progress.end()  # a bar cut short by Ctrl-C or an error still gets its newline
     return 0
@@ -411,26 +439,50 @@ def _load_embeddings(pipe, args, settings: dict, progress) -> None:
                      "(--embedding PATH or --embedding-dir DIR)")
 
 
-def _generate_one(pipe, settings, source_image, seed, path, progress, args) -> None:
-    t0 = time.perf_counter()
+def _input_image(settings: dict, explicit: set, key: str, max_megapixels: float):
+    """The --image or --mask as a PIL image (None when not given); a name recorded by a --from
+    image must be found here."""
+    value = settings[key]
+    if value is None:
+        return None
+    if key not in explicit and not Path(value).expanduser().exists():
+        raise CLIError(f"the image was made from the {key} {value!r}, which is not here; pass --{key} PATH")
+    return open_image(value, max_megapixels, f"--{key}")
+
+
+def generate_kwargs(settings: dict, inputs, seed: int, args) -> dict:
+    """The `pipe.generate` arguments of one image (`inputs`: the opened image and mask, or Nones);
+    `mlx-sdxl batch` makes its images with these too."""
     common = dict(num_inference_steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
                   guidance_rescale=settings["guidance_rescale"], scheduler=settings["scheduler"],
-                  seed=seed, callback=progress, max_megapixels=args.max_megapixels, metadata=args.metadata,
+                  seed=seed, max_megapixels=args.max_megapixels, metadata=args.metadata,
                   prompt_syntax=settings["prompt_syntax"])
+    source_image, mask_image = inputs
     if source_image is not None:
-        result = pipe.generate(settings["prompt"], settings["negative_prompt"], image=source_image,
-                               strength=settings["strength"], **common)
-    else:
-        result = pipe.generate(settings["prompt"], settings["negative_prompt"],
-                               high_noise_frac=settings["high_noise_frac"], width=settings["width"],
-                               height=settings["height"], **common)
+        common.update(image=source_image, strength=settings["strength"], mask_image=mask_image,
+                      mask_blur=settings["mask_blur"], padding_mask_crop=settings["padding_mask_crop"],
+                      resize=settings["resize"])
+    return dict(common, prompt=settings["prompt"], negative_prompt=settings["negative_prompt"],
+                high_noise_frac=settings["high_noise_frac"], width=settings["width"], height=settings["height"])
+
+
+def finish_image(result, pipe, settings: dict, seed: int, args) -> tuple:
+    """(the image, the settings its PNG records) of a one-image GenerationResult."""
     if result.cancelled:  # only a callback can cancel; ours never does
         raise InputError("generation was cancelled")
     image = result.images[0]
-    path.parent.mkdir(parents=True, exist_ok=True)
     if result.settings[0].get("embeddings"):  # {token: short hash} of those the prompts used
         settings = dict(settings, embeddings=result.settings[0]["embeddings"])
-    save_png(image, path, record(settings, pipe, args.metadata, seed, image), overwrite=args.overwrite)
+    settings = dict(settings, mode=result.settings[0]["mode"])
+    return image, record(settings, pipe, args.metadata, seed, image)
+
+
+def _generate_one(pipe, settings, inputs, seed, path, progress, args) -> None:
+    t0 = time.perf_counter()
+    result = pipe.generate(**generate_kwargs(settings, inputs, seed, args), callback=progress)
+    image, recorded = finish_image(result, pipe, settings, seed, args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(image, path, recorded, overwrite=args.overwrite)
     progress.summary(result.timings, time.perf_counter() - t0)
     print(path, flush=True)
 
@@ -441,7 +493,7 @@ def record(settings: dict, pipe, mode: str, seed: int, image) -> dict:
     if mode == "none":
         return {}
     out = dict(settings, seed=seed, width=image.width, height=image.height,
-               image=image_field(settings["image"], mode))
+               image=image_field(settings["image"], mode), mask=image_field(settings["mask"], mode))
     used = {"model": pipe.base, "refiner": pipe.refiner if settings["refiner"] else None,
             "vae": pipe.vae_source if settings["vae"] else None}
     for key, source in used.items():
@@ -475,8 +527,9 @@ def cmd_info(args) -> int:
 
 
 def delegate(command: str, argv: List[str]) -> int:
-    """Run `<command>.cli:main(argv)` from the package's sibling tools, imported only when asked for."""
-    module_name = f"{command}.cli"
+    """Run `<command>.cli:main(argv)` from the package's sibling tools (or mlx_sdxl's own, for
+    `batch`), imported only when asked for."""
+    module_name = {"batch": "mlx_sdxl.batch.cli"}.get(command, f"{command}.cli")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
@@ -496,7 +549,7 @@ def _fail(message: str) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("convert", "bench"):
+    if argv and argv[0] in ("convert", "bench", "batch"):
         return delegate(argv[0], argv[1:])
     parser = build_parser()
     try:

@@ -58,6 +58,7 @@ def check_token(token) -> str:
 
 
 def _tensors(path: Path) -> Dict[str, np.ndarray]:
+    """The file's clip_l and clip_g vectors as float32 (n, width), their shapes checked first."""
     from .weights import load_safetensors
 
     if path.suffix.lower() != ".safetensors":
@@ -70,7 +71,21 @@ def _tensors(path: Path) -> Dict[str, np.ndarray]:
         kind = " (an SD 1.x/2.x embedding has one tensor for one text encoder)" if len(tensors) == 1 else ""
         raise WeightsError(f"{path} is not an SDXL embedding{kind}: it has {found}; "
                            f"an SDXL embedding has {_SDXL_SHAPE}")
-    return {k: np.array(tensors[k].astype(mx.float32)) for k in ENCODER_KEYS.values()}
+    vectors = {k: tensors[k].reshape(1, -1) if tensors[k].ndim == 1 else tensors[k] for k in ENCODER_KEYS.values()}
+    shapes = {k: tuple(v.shape) for k, v in vectors.items()}
+    if any(len(s) != 2 for s in shapes.values()) or len({s[0] for s in shapes.values()}) != 1 \
+            or not 1 <= shapes["clip_g"][0] <= CHUNK_TOKENS:
+        raise WeightsError(f"{path}: shapes {shapes} do not fit an SDXL embedding: expected {_SDXL_SHAPE}, "
+                           "both with the same n")
+    return {k: np.array(v.astype(mx.float32)) for k, v in vectors.items()}  # read only once checked
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_embedding(path, token: Optional[str] = None) -> Embedding:
@@ -78,16 +93,10 @@ def read_embedding(path, token: Optional[str] = None) -> Embedding:
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(f"embedding file not found: {path}")
-    vectors = {k: v.reshape(1, -1) if v.ndim == 1 else v for k, v in _tensors(path).items()}
-    shapes = {k: v.shape for k, v in vectors.items()}
-    if any(len(s) != 2 for s in shapes.values()) or len({s[0] for s in shapes.values()}) != 1 \
-            or not 1 <= shapes["clip_g"][0] <= CHUNK_TOKENS:
-        raise WeightsError(f"{path}: shapes {shapes} do not fit an SDXL embedding: expected {_SDXL_SHAPE}, "
-                           "both with the same n")
+    vectors = _tensors(path)
     if not all(np.isfinite(v).all() for v in vectors.values()):
         raise WeightsError(f"{path}: the embedding holds NaN or infinite values")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return Embedding(check_token(path.stem if token is None else token), vectors, path, digest)
+    return Embedding(check_token(path.stem if token is None else token), vectors, path, _sha256(path))
 
 
 def named_in(folder, texts: Sequence[Optional[str]]) -> List[Path]:

@@ -44,6 +44,8 @@ A1111_SAMPLERS = {
     "ddim": "DDIM",
 }
 _FROM_A1111 = {v.lower(): k for k, v in A1111_SAMPLERS.items()}
+# What started from an existing picture: img2img (base, then refiner), refine (refiner alone), inpaint.
+IMAGE_MODES = ("img2img", "refine", "inpaint")
 
 
 # ---------------------------------------------------------------- settings
@@ -106,10 +108,14 @@ def format_parameters(settings: dict) -> str:
     fields.append(("Model", model_name(s.get("model"))))
     if s.get("vae"):
         fields.append(("VAE", model_name(s["vae"])))
-    if s.get("mode") == "refine":
+    if s.get("mode") in IMAGE_MODES:
         fields.append(("Denoising strength", s.get("strength")))
-    elif s.get("refiner"):
+    if s.get("refiner") and s.get("high_noise_frac") and s.get("mode") != "refine":
         fields += [("Refiner", model_name(s["refiner"])), ("Refiner switch at", s.get("high_noise_frac"))]
+    if s.get("mode") == "inpaint":
+        fields += [("Mask blur", s.get("mask_blur") or 0), ("Resize mode", s.get("resize"))]
+        if s.get("padding_mask_crop") is not None:
+            fields += [("Inpaint area", "Only masked"), ("Masked area padding", s["padding_mask_crop"])]
     if s.get("guidance_rescale"):
         fields.append(("Guidance rescale", s["guidance_rescale"]))
     if s.get("embeddings"):  # A1111's "TI hashes": "token: short hash, ..." of the embeddings used
@@ -147,6 +153,8 @@ def parse_parameters(text: str) -> dict:
         "Seed": ("seed", int),
         "Denoising strength": ("strength", float),
         "Refiner switch at": ("high_noise_frac", float),
+        "Mask blur": ("mask_blur", float),
+        "Masked area padding": ("padding_mask_crop", int),
         "Guidance rescale": ("guidance_rescale", float),
         "Model": ("model", str),
         "Refiner": ("refiner", str),
@@ -174,7 +182,7 @@ def parse_parameters(text: str) -> dict:
         except ValueError:
             extra[key] = value
     if "strength" in out:
-        out["mode"] = "refine"
+        out["mode"] = "inpaint" if "mask_blur" in out else "img2img" if "high_noise_frac" in out else "refine"
     if extra:
         out["extra"] = extra
     return out

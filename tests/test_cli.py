@@ -155,7 +155,7 @@ def test_refine_existing_image_and_reproduce_it(first, models, tmp_path):
     out = tmp_path / "refined.png"
     rc, _, stderr = run("generate", "a photo of a dog", "--model", models[0], "--refiner", models[1],
                         "--image", source, "--strength", "0.5", "--steps", "4", "--seed", "3", "--dtype",
-                        "float32", "--output", out)
+                        "float32", "--high-noise-frac", "0", "--output", out)
     assert rc == 0, stderr
     s = read_metadata(out)
     assert (s["mode"], s["strength"], s["image"], s["width"]) == ("refine", 0.5, source.name, 64)
@@ -165,7 +165,7 @@ def test_refine_existing_image_and_reproduce_it(first, models, tmp_path):
     assert not np.array_equal(pixels(out), pixels(source))
     again = tmp_path / "again.png"
     rc, _, stderr = run("generate", "--from", out, "--output", again, "-q")
-    assert rc == 2 and "refined from 'first.png'" in stderr and "--image" in stderr  # names only: where is it?
+    assert rc == 2 and "made from the image 'first.png'" in stderr and "--image" in stderr  # names only: where is it?
     rc, _, stderr = run("generate", "--from", out, "--output", again, "-q", "--image", source)
     assert rc == 2 and "--models-dir" in stderr and "'base'" in stderr
     rc, _, stderr = run("generate", "--from", out, "--output", again, "-q", "--models-dir", Path(models[0]).parent,
@@ -215,7 +215,7 @@ BAD = {
     "seeds and n-images disagree": (["--model", "{base}", "--seed", "1", "2", "--n-images", "3"], "conflicts"),
     "negative seed": (["--model", "{base}", "--seed", "-1"], "seeds must be integers"),
     "strength without image": (["--model", "{base}", "--strength", "0.5"], "--strength needs --image"),
-    "size with image": (["--model", "{base}", "--image", "{image}", "--width", "64"], "does not apply"),
+    "one side with image": (["--model", "{base}", "--image", "{image}", "--width", "64"], "give both --width"),
     "strength out of range": (["--model", "{base}", "--image", "{image}", "--strength", "1.5"], "(0, 1]"),
     "refiner bits without refiner": (["--model", "{base}", "--refiner-bits", "4"], "needs a refiner"),
     "refiner given as base": (["--model", "{refiner}"], "refiner"),

@@ -215,3 +215,35 @@ def test_inpainting_unet_is_accepted_only_with_its_channels(tiny_sdxl, inpaint9)
     source.configs["unet"] = dict(source.configs["unet"], in_channels=7)
     with pytest.raises(WeightsError, match="input channels"):
         SDXLPipeline(source, dtype=mx.float32)
+
+
+def test_cli_img2img_and_inpainting_replay_from_their_png(tiny_sdxl, tmp_path):
+    from test_cli import run
+
+    from mlx_sdxl.metadata import read_metadata
+
+    picture, mask = _picture(13), _mask()
+    picture.save(tmp_path / "in.png")
+    mask.save(tmp_path / "mask.png")
+    common = ["--model", tiny_sdxl[0], "--refiner", tiny_sdxl[1], "--dtype", "float32", "--steps", "6", "--seed",
+              "4", "-q", "--metadata", "full"]
+    rc, _, err = run("generate", "a cat", *common, "--image", tmp_path / "in.png", "--strength", "0.6",
+                     "-o", tmp_path / "img2img.png")
+    assert rc == 0, err
+    s = read_metadata(tmp_path / "img2img.png")
+    assert (s["mode"], s["strength"], s["high_noise_frac"]) == ("img2img", 0.6, 0.8)
+    rc, _, err = run("generate", "a cat", *common, "--image", tmp_path / "in.png", "--mask", tmp_path / "mask.png",
+                     "--strength", "0.99", "--mask-blur", "2", "--width", "64", "--height", "64",
+                     "-o", tmp_path / "inpaint.png")
+    assert rc == 0, err
+    with Image.open(tmp_path / "inpaint.png") as im:
+        assert "Mask blur: 2.0" in im.text["parameters"] and "Denoising strength: 0.99" in im.text["parameters"]
+        made = np.asarray(im).copy()
+    outside = np.asarray(mask) == 0
+    assert np.abs(made[outside].astype(int) - np.asarray(picture)[outside]).mean() < 2  # pasted over the original
+    rc, _, err = run("generate", "--from", tmp_path / "inpaint.png", "-q", "-o", tmp_path / "again.png")
+    assert rc == 0, err
+    with Image.open(tmp_path / "again.png") as im:
+        np.testing.assert_array_equal(np.asarray(im), made)
+    rc, _, err = run("generate", "a cat", *common, "--mask", tmp_path / "mask.png", "-o", tmp_path / "x.png")
+    assert rc == 2 and "--mask needs --image" in err

@@ -204,6 +204,10 @@ def test_prompt_syntax_is_recorded_and_checked(pipes):
     assert ours.generate("a cat", **KW).settings[0]["prompt_syntax"] == "plain"
     with pytest.raises(InputError, match="prompt_syntax must be one of 'plain', 'a1111', got 'compel'"):
         ours("a cat", prompt_syntax="compel", **KW)
+    image = np.random.default_rng(0).uniform(0, 1, (1, 64, 64, 3)).astype(np.float32)
+    refined = ours.refine(image, LONG, NEGATIVE, strength=0.5, num_inference_steps=4, seed=1, output_type="np",
+                          prompt_syntax="a1111")
+    assert refined.shape == (1, 64, 64, 3) and np.isfinite(refined).all()
 
 
 # ---------------------------------------------------------------- odd prompts

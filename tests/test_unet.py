@@ -192,7 +192,7 @@ def test_sdxl_configs_resolve_head_counts():
 @pytest.mark.parametrize("key,value", [
     ("addition_embed_type", "text"),
     ("addition_embed_type", None),
-    ("time_cond_proj_dim", 256),
+    ("time_cond_proj_dim", 0),  # a positive int (an LCM UNet's guidance embedding) is supported
     ("class_embed_type", "timestep"),
     ("encoder_hid_dim", 1024),
     ("time_embedding_type", "fourier"),

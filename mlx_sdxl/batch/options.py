@@ -25,7 +25,9 @@ from ..spec import MAX_SEED
 
 # generate's options (by dest) that a job line may set; each becomes its own default on the command line
 PER_JOB = ("prompt", "negative_prompt", "prompt_syntax", "num_inference_steps", "high_noise_frac", "guidance_scale",
-           "scheduler", "width", "height", "seeds", "n_images", "max_megapixels", "image", "strength")
+           "scheduler", "width", "height", "seeds", "n_images", "max_megapixels", "image", "strength", "resize", "mask",
+           "mask_blur", "padding_mask_crop")
+INPUTS = ("image", "mask")  # paths to pictures, read when the job runs
 # generate's options that hold for the whole batch: the command line only
 BATCH_WIDE = ("model", "refiner", "vae", "refiner_bits", "low_memory", "dtype", "compile", "quiet", "metadata",
               "models_dir", "embeddings", "embedding_dir")
@@ -164,10 +166,9 @@ def resolve_job(opts: GenerateOptions, defaults: Defaults, index: int, options: 
         raise InputError(str(e)) from None
     for key in (*MODEL_KEYS, "dtype", "refiner_bits"):
         settings[key] = defaults.settings[key]
-    refine = settings["image"] is not None
-    settings["mode"] = "refine" if refine else "generate"
-    if refine:
-        settings["image"] = str(Path(settings["image"]).expanduser().absolute())
-    else:
+    for key in INPUTS:
+        if settings[key] is not None:
+            settings[key] = str(Path(settings[key]).expanduser().absolute())
+    if settings["image"] is None:
         settings["strength"] = None
     return settings, seeds, vars(args)

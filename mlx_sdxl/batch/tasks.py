@@ -25,8 +25,8 @@ from .jobs import Job
 from .options import Defaults, GenerateOptions, resolve_job
 
 # recorded fields that do not identify an image: the version that wrote it, and what the run
-# found in use (embeddings and LoRAs the prompts named are recorded after the run)
-NOT_IDENTITY = ("version", "embeddings", "loras")
+# found in use (embeddings and LoRAs the prompts named), and the mode, which follows from the inputs
+NOT_IDENTITY = ("version", "embeddings", "loras", "mode")
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def identity(settings: dict, seed: int, pipe, mode: str) -> dict:
     size = types.SimpleNamespace(width=settings.get("width"), height=settings.get("height"))
     recorded = normalize_settings(cli.record(settings, pipe, mode, seed, size))
     out = {k: v for k, v in recorded.items() if k not in NOT_IDENTITY}
-    if settings["mode"] == "refine":  # the size comes from the input image, known once it is read
+    if settings.get("image") is not None and settings.get("width") is None:  # the input image's own size
         out.pop("width", None)
         out.pop("height", None)
     return out

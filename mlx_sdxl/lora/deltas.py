@@ -75,7 +75,7 @@ def delta_shape(layer: LayerWeights) -> Tuple[int, ...]:
     """The shape of the layer's ΔW as its formula builds it (PyTorch layout), from tensor shapes only."""
     t = {k: v.shape for k, v in layer.tensors.items()}
     if layer.kind == "lora":
-        tail = tuple(t["mid"][2:]) if "mid" in t else tuple(t["down"][1:])
+        tail = (t["down"][1], *t["mid"][2:]) if "mid" in t else tuple(t["down"][1:])
         return (t["up"][0], *tail)
     if layer.kind == "loha":
         if "t1" in t:

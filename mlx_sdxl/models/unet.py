@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..errors import ConfigError, InputError, WeightsError
 from ..weights import apply_weights, load_folder_weights, parse_dtype, read_config, torch_to_mlx
@@ -113,7 +114,6 @@ _FIXED = {
     "num_class_embeds": (None,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
-    "time_cond_proj_dim": (None,),
     "time_embedding_dim": (None,),
     "time_embedding_act_fn": (None,),
     "timestep_post_act": (None,),
@@ -168,6 +168,7 @@ class UNetConfig:
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     downsample_padding: int = 1
+    time_cond_proj_dim: Optional[int] = None  # LCM-distilled UNets: width of the guidance-scale embedding
 
     def __post_init__(self):
         if not isinstance(self.block_out_channels, (list, tuple)) or not self.block_out_channels or any(
@@ -206,6 +207,10 @@ class UNetConfig:
                 raise ConfigError(f"UNet config: {k}={getattr(self, k)}; accepted: an odd kernel size")
         if self.downsample_padding not in (0, 1):
             raise ConfigError(f"UNet config: downsample_padding={self.downsample_padding}; accepted: 0 or 1")
+        d = self.time_cond_proj_dim
+        if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d <= 0):
+            raise ConfigError(f"UNet config: time_cond_proj_dim={d!r}; accepted: null or a positive int (the "
+                              "width of an LCM UNet's guidance-scale embedding)")
 
     @property
     def time_embed_dim(self) -> int:
@@ -254,13 +259,32 @@ def timestep_embedding(t: mx.array, dim: int, flip_sin_to_cos: bool = True, freq
     return mx.concatenate(parts, axis=-1)
 
 
+def guidance_scale_embedding(w: mx.array, dim: int) -> mx.array:
+    """diffusers' get_guidance_scale_embedding: sin/cos features of 1000*w, (N,) -> (N, dim), float32.
+
+    An LCM-distilled UNet (config `time_cond_proj_dim`) takes the guidance of the run this way,
+    w = guidance_scale - 1, instead of a second, unconditional batch."""
+    half = dim // 2
+    scale = np.log(np.float32(10000.0)) / np.float32(half - 1)  # float32, as torch computes it
+    freqs = mx.exp(mx.arange(half, dtype=mx.float32) * float(-scale))
+    x = (w.astype(mx.float32) * 1000.0)[:, None] * freqs[None]
+    parts = [mx.sin(x), mx.cos(x)] + ([mx.zeros_like(x[:, :1])] if dim % 2 else [])
+    return mx.concatenate(parts, axis=-1)
+
+
 class TimestepEmbedding(nn.Module):
-    def __init__(self, in_dim: int, dim: int):
+    """linear_2(silu(linear_1(x + cond_proj(condition)))); cond_proj only with a `cond_dim`."""
+
+    def __init__(self, in_dim: int, dim: int, cond_dim: Optional[int] = None):
         super().__init__()
+        if cond_dim is not None:
+            self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False)
         self.linear_1 = nn.Linear(in_dim, dim)
         self.linear_2 = nn.Linear(dim, dim)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, condition: Optional[mx.array] = None) -> mx.array:
+        if condition is not None:
+            x = x + self.cond_proj(condition.astype(x.dtype))
         return self.linear_2(silu(self.linear_1(x)))
 
 
@@ -401,7 +425,7 @@ class UNet2DConditionModel(nn.Module):
         cfg, ch = config, config.block_out_channels
         temb, n = config.time_embed_dim, len(ch)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], cfg.conv_in_kernel, padding=cfg.conv_in_kernel // 2)
-        self.time_embedding = TimestepEmbedding(ch[0], temb)
+        self.time_embedding = TimestepEmbedding(ch[0], temb, config.time_cond_proj_dim)
         self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb)
 
         def attn_args(i, cross):
@@ -495,17 +519,34 @@ class UNet2DConditionModel(nn.Module):
                  text_embeds: Optional[mx.array] = None, time_ids: Optional[mx.array] = None,
                  cross_kv: Optional[Sequence[Tuple[mx.array, mx.array]]] = None,
                  down_block_additional_residuals: Optional[Sequence[mx.array]] = None,
-                 mid_block_additional_residual: Optional[mx.array] = None) -> mx.array:
+                 mid_block_additional_residual: Optional[mx.array] = None,
+                 timestep_cond: Optional[mx.array] = None) -> mx.array:
         """Noise prediction (B, H, W, out_channels) for NHWC `sample` at `timestep` (scalar or (B,)).
 
         `cross_kv`, optional: `cross_attention_kv(encoder_hidden_states)` made
         beforehand, so that repeated calls with one context skip its projections.
         `down_block_additional_residuals` (one per skip, shapes: `skip_shapes`) and
         `mid_block_additional_residual`, optional and together: ControlNet residuals, added
-        to the skips and to the mid block's output as diffusers adds them."""
+        to the skips and to the mid block's output as diffusers adds them.
+        `timestep_cond` (B, time_cond_proj_dim): an LCM UNet's guidance embedding
+        (`guidance_scale_embedding`), added to the timestep features as diffusers does."""
         args = self._forward_args(sample, timestep, encoder_hidden_states, text_embeds, time_ids, cross_kv)
         return self._forward(*args, **self._residuals(sample, down_block_additional_residuals,
-                                                      mid_block_additional_residual))
+                                                      mid_block_additional_residual),
+                             **self._timestep_cond(sample, timestep_cond))
+
+    def _timestep_cond(self, sample, cond) -> dict:
+        """`_forward`'s keyword argument for an LCM UNet's guidance embedding, checked: {} without one."""
+        dim = self.config.time_cond_proj_dim
+        if cond is None:
+            return {}
+        if dim is None:
+            raise InputError("timestep_cond is for UNets with a guidance embedding (time_cond_proj_dim); "
+                             "this UNet has none")
+        b = sample.shape[0]
+        if cond.ndim != 2 or cond.shape[0] not in (1, b) or cond.shape[1] != dim:
+            raise InputError(f"timestep_cond must have shape ({b}, {dim}); got {tuple(cond.shape)}")
+        return {"timestep_cond": cond}
 
     def _residuals(self, sample, down, mid) -> dict:
         """`_forward`'s keyword arguments for ControlNet residuals, checked: {} without them."""
@@ -526,7 +567,8 @@ class UNet2DConditionModel(nn.Module):
             cross_kv = self.cross_attention_kv(context)
         return sample, t, cross_kv, text_embeds, time_ids
 
-    def _forward(self, sample, t, cross_kv, text_embeds, time_ids, down_res=None, mid_res=None) -> mx.array:
+    def _forward(self, sample, t, cross_kv, text_embeds, time_ids, down_res=None, mid_res=None,
+                 timestep_cond=None) -> mx.array:
         cfg, dtype = self.config, self.dtype
         b = sample.shape[0]
         x = sample.astype(dtype)
@@ -535,7 +577,7 @@ class UNet2DConditionModel(nn.Module):
         ids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
                                  cfg.freq_shift).reshape(b, -1)
         add = mx.concatenate([text_embeds.astype(dtype), ids.astype(dtype)], axis=-1)
-        emb = self.time_embedding(t_emb.astype(dtype)) + self.add_embedding(add)
+        emb = self.time_embedding(t_emb.astype(dtype), timestep_cond) + self.add_embedding(add)
 
         x = self.conv_in(x)
         skips = [x]
@@ -567,12 +609,13 @@ class UNet2DConditionModel(nn.Module):
         forward = mx.compile(self._forward, inputs=self.state)
 
         def call(sample, timestep, context, text_embeds=None, time_ids=None, cross_kv=None,
-                 down_block_additional_residuals=None, mid_block_additional_residual=None):
+                 down_block_additional_residuals=None, mid_block_additional_residual=None, timestep_cond=None):
             # checked before tracing, so bad input gets a clear error; without residuals the
             # call (and its trace) is the plain one
             args = self._forward_args(sample, timestep, context, text_embeds, time_ids, cross_kv)
             return forward(*args, **self._residuals(sample, down_block_additional_residuals,
-                                                    mid_block_additional_residual))
+                                                    mid_block_additional_residual),
+                           **self._timestep_cond(sample, timestep_cond))
 
         return call
 

@@ -18,16 +18,16 @@ import mlx.core as mx
 
 from ..conditioning import as_list, base_time_ids, refiner_time_ids, size_pair
 from ..errors import InputError
-from ..schedulers import img2img_start, make_scheduler, split_for_handoff
+from ..schedulers import img2img_start, split_for_handoff
 from ..sources import ModelSource
 from ..spec import BASE, DEFAULT_HIGH_NOISE_FRAC, REFINER, check_image_count, check_pixels, check_side
 from . import inpaint
 from .compat import is_inpainting
 from .images import image_batch
-from .plan import (ImageStart, Plan, Request, check_common, given_noise, latent_channels, number, record_settings,
-                   seed_keys)
+from .plan import (ImageStart, Plan, Request, build_scheduler, check_common, check_refiner_steps, given_noise,
+                   guidance_for, latent_channels, number, record_settings, seed_keys)
 from .resize import check_mode
-from .stage import Guidance, Stage, per_image_normal
+from .stage import Stage, per_image_normal
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,8 @@ def _bounds(n: int, start: int, frac: float, sched, has_refiner: bool) -> List[T
     if not has_refiner or frac >= 1:
         return [(BASE, range(start, n))]
     handoff = split_for_handoff(sched.timesteps, frac) if frac > 0 else 0
+    if frac > 0:
+        check_refiner_steps(sched, handoff, frac)
     first = max(start, handoff)
     return ([(BASE, range(start, first))] if first > start else []) + [(REFINER, range(first, n))]
 
@@ -119,7 +121,7 @@ def image_to_image(req: Request, base: ModelSource, refiner: Optional[ModelSourc
     image = ImageStart(pixels, noise, tuple(k[0] for k in keys) if req.sample_posterior else None, mask,
                        pure_noise=masked and strength == 1, paste=paste)
     ran_refiner = any(s.name == REFINER for s in stages)
-    settings = record_settings(req, seeds, mode="inpaint" if masked else "refine" if stages[0].name == REFINER
+    settings = record_settings(req, seeds, sampler=sched.settings, mode="inpaint" if masked else "refine" if stages[0].name == REFINER
                                else "img2img", strength=strength, width=w, height=h,
                                high_noise_frac=frac if ran_refiner and len(stages) > 1 else None,
                                aesthetic_score=req.aesthetic_score if ran_refiner else None,
@@ -134,20 +136,18 @@ def _stages(req: Request, base, refiner, sched, bounds, keys, hw) -> List[Stage]
     neg_crops = size_pair(req.negative_crops_coords_top_left, (0, 0), "negative_crops_coords_top_left")
     neg_original = size_pair(req.negative_original_size, original, "negative_original_size")
     neg_target = size_pair(req.negative_target_size, target, "negative_target_size")
-    guidance = Guidance(req.guidance_scale, req.guidance_rescale)
     stages = []
     for n, (name, steps) in enumerate(bounds):
         stage_keys = tuple(k[2] if n == 0 else mx.random.split(k[2], 2)[1] for k in keys)
         if name == BASE:
             ids = base_time_ids(original, crops, target, neg_original, neg_crops, neg_target)
-            stages.append(Stage(BASE, base, sched, steps, guidance, ids, stage_keys))
+            stages.append(Stage(BASE, base, sched, steps, guidance_for(req, base), ids, stage_keys))
             continue
         rsched = sched
         if n > 0:
-            rsched = make_scheduler(req.scheduler, base.scheduler_config)  # fresh: no multistep history
-            rsched.set_timesteps(req.num_inference_steps)
+            rsched = build_scheduler(req, base)  # fresh: no multistep history
         ids = refiner_time_ids(original, crops, number(req.aesthetic_score, "aesthetic_score", -math.inf),
                                neg_original, neg_crops,
                                number(req.negative_aesthetic_score, "negative_aesthetic_score", -math.inf))
-        stages.append(Stage(REFINER, refiner, rsched, steps, guidance, ids, stage_keys))
+        stages.append(Stage(REFINER, refiner, rsched, steps, guidance_for(req, refiner), ids, stage_keys))
     return stages

@@ -20,11 +20,11 @@ import numpy as np
 from ..conditioning import Prompt, as_list, base_time_ids, refiner_time_ids, size_pair
 from ..errors import InputError
 from ..identity import check_mode
-from ..schedulers import Scheduler, make_scheduler, split_for_handoff
+from ..schedulers import Scheduler, default_scheduler, make_scheduler, split_for_handoff
 from ..sources import ModelSource
 from ..spec import (BASE, DEFAULT_AESTHETIC_SCORE, DEFAULT_GUIDANCE, DEFAULT_HIGH_NOISE_FRAC,
                     DEFAULT_MAX_MEGAPIXELS, DEFAULT_METADATA, DEFAULT_RESIZE, DEFAULT_PROMPT_SYNTAX,
-                    DEFAULT_NEGATIVE_AESTHETIC_SCORE, DEFAULT_SCHEDULER, DEFAULT_SIDE, DEFAULT_STEPS,
+                    DEFAULT_NEGATIVE_AESTHETIC_SCORE, DEFAULT_SIDE, DEFAULT_STEPS,
                     DEFAULT_STRENGTH, MAX_SEED, REFINER, Seed, check_image_count, check_pixels,
                     check_prompt_syntax, check_side, image_seeds, is_int)
 from .prompts import PromptTexts
@@ -54,7 +54,9 @@ class Request:
     seed: Seed = None
     latents: object = None                    # text to image: initial noise (B, h, w, C)
     noise: object = None                      # img2img: the noise added to the image latents
-    scheduler: str = DEFAULT_SCHEDULER
+    scheduler: Optional[str] = None           # None: the model's own (its scheduler_config.json), else euler
+    timestep_spacing: Optional[str] = None    # None: the model config's; "leading", "linspace", "trailing"
+    eta: Optional[float] = None               # tcd only; None: spec.DEFAULT_TCD_ETA
     aesthetic_score: float = DEFAULT_AESTHETIC_SCORE
     negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE
     original_size: Optional[Tuple[int, int]] = None
@@ -131,9 +133,35 @@ def check_common(req: Request, base: ModelSource) -> Scheduler:
         raise InputError(f"num_images_per_prompt must be an integer >= 1, got {req.num_images_per_prompt!r}")
     if req.clip_skip is not None and (not is_int(req.clip_skip) or req.clip_skip < 0):
         raise InputError(f"clip_skip must be a non-negative integer, got {req.clip_skip!r}")
-    sched = make_scheduler(req.scheduler, base.scheduler_config)  # unknown names fail here
+    return build_scheduler(req, base)  # unknown names and options fail here
+
+
+def build_scheduler(req: Request, base: ModelSource) -> Scheduler:
+    """A fresh sampler for this request, its N-step schedule set: the one asked for, else the
+    model's own (its scheduler_config.json's class); the model config gives the schedule."""
+    name = req.scheduler if req.scheduler is not None else default_scheduler(base.scheduler_config)
+    sched = make_scheduler(name, base.scheduler_config, timestep_spacing=req.timestep_spacing, eta=req.eta)
     sched.set_timesteps(req.num_inference_steps)
     return sched
+
+
+def guidance_for(req: Request, source: ModelSource) -> Guidance:
+    """Classifier-free guidance for a stage run by `source`'s UNet; an LCM UNet
+    (time_cond_proj_dim) takes the scale as an embedding and runs one batch."""
+    return Guidance(req.guidance_scale, req.guidance_rescale, source.configs["unet"].get("time_cond_proj_dim"))
+
+
+def check_refiner_steps(sched: Scheduler, handoff: int, frac: float) -> None:
+    """A hand-off that leaves the loaded refiner none of the steps is refused: with few steps on
+    a trailing or distilled grid (lcm 4 steps: 999 ... 259) every timestep is above the cut."""
+    n, last = sched.num_steps, int(sched.timesteps[-1])
+    if handoff < n:
+        return
+    T = sched.config.num_train_timesteps
+    raise InputError(f"high_noise_frac={frac:g} leaves the refiner none of the {n} {sched.name} steps (the last "
+                     f"timestep is {last}, above the hand-off at t={round(T - frac * T)}); accepted: "
+                     f"high_noise_frac below {(T - last) / T:g}, more steps, or no refiner "
+                     "(refiner=None, or high_noise_frac=1 to run the base alone)")
 
 
 def seed_keys(req: Request, batch: int) -> Tuple[List[int], List[mx.array]]:
@@ -156,10 +184,11 @@ def _per_image(value, i: int, per_prompt: int):
     return value
 
 
-def record_settings(req: Request, seeds: List[int], **fields) -> List[dict]:
+def record_settings(req: Request, seeds: List[int], sampler: Optional[dict] = None, **fields) -> List[dict]:
+    """`sampler`: the sampler that runs (Scheduler.settings: its name, spacing, tcd's eta)."""
     common = dict(num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
-                  guidance_rescale=req.guidance_rescale, scheduler=req.scheduler, clip_skip=req.clip_skip,
-                  prompt_syntax=req.prompt_syntax, **fields)
+                  guidance_rescale=req.guidance_rescale, **(sampler or {"scheduler": req.scheduler}),
+                  clip_skip=req.clip_skip, prompt_syntax=req.prompt_syntax, **fields)
     n = req.num_images_per_prompt
     return [dict(common, prompt=_per_image(req.prompt, i, n),
                  negative_prompt=_per_image(req.negative_prompt, i, n), seed=seed) for i, seed in enumerate(seeds)]
@@ -198,18 +227,19 @@ def text_to_image(req: Request, base: ModelSource, refiner: Optional[ModelSource
     use_refiner = refiner is not None and frac < 1
     n_total = req.num_inference_steps
     n_base = split_for_handoff(sched.timesteps, frac) if use_refiner else n_total
-    guidance = Guidance(req.guidance_scale, req.guidance_rescale)
+    if use_refiner:
+        check_refiner_steps(sched, n_base, frac)
     stages = []
     if n_base > 0:
         ids = base_time_ids(original, crops, target, neg_original, neg_crops, neg_target)
-        stages.append(Stage(BASE, base, sched, range(0, n_base), guidance, ids, tuple(k[1] for k in keys)))
-    if use_refiner and n_base < n_total:
-        rsched = make_scheduler(req.scheduler, base.scheduler_config)  # fresh: no multistep history
-        rsched.set_timesteps(n_total)
+        stages.append(Stage(BASE, base, sched, range(0, n_base), guidance_for(req, base), ids,
+                            tuple(k[1] for k in keys)))
+    if use_refiner:
+        rsched = build_scheduler(req, base)  # fresh: no multistep history
         ids = refiner_time_ids(original, crops, aesthetic, neg_original or original, neg_crops, neg_aesthetic)
-        stages.append(Stage(REFINER, refiner, rsched, range(n_base, n_total), guidance, ids,
+        stages.append(Stage(REFINER, refiner, rsched, range(n_base, n_total), guidance_for(req, refiner), ids,
                             tuple(k[2] for k in keys)))
-    settings = record_settings(req, seeds, mode="generate", width=width, height=height,
+    settings = record_settings(req, seeds, sampler=sched.settings, mode="generate", width=width, height=height,
                          high_noise_frac=frac if use_refiner else None,
                          aesthetic_score=req.aesthetic_score if use_refiner else None)
     return Plan(req, tuple(stages), seeds, batch, noise.astype(mx.float32) * sched.init_noise_sigma, None, settings)

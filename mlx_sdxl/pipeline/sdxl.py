@@ -7,7 +7,7 @@ import dataclasses
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import mlx.core as mx
 
@@ -15,10 +15,11 @@ from ..conditioning import Prompt
 from ..embeddings import Embedding, EmbeddingSet, read_embedding
 from ..errors import InputError
 from ..identity import source_fields
+from ..schedulers import with_prediction_type
 from ..sources import ModelSource, is_converted, open_source, vae_source
 from ..spec import (BASE, DEFAULT_AESTHETIC_SCORE, DEFAULT_GROUP_SIZE, DEFAULT_GUIDANCE, DEFAULT_HIGH_NOISE_FRAC,
                     DEFAULT_MAX_MEGAPIXELS, DEFAULT_METADATA, DEFAULT_PROMPT_SYNTAX, DEFAULT_RESIZE,
-                    DEFAULT_NEGATIVE_AESTHETIC_SCORE, DEFAULT_SCHEDULER, DEFAULT_STEPS,
+                    DEFAULT_NEGATIVE_AESTHETIC_SCORE, DEFAULT_STEPS,
                     DEFAULT_STRENGTH, DECODE, REFINER, TEXT_ENCODERS, Seed)
 from ..weights import parse_dtype
 from . import images as pixels
@@ -29,7 +30,7 @@ from .health import nonfinite_error
 from .plan import Plan, Request, make_plan
 from .prompts import PromptTexts, embeddings_used, encode_conditioning, encode_prompt, encoder_flags
 from .result import GenerationResult, StageTiming
-from .stage import Callback, Cancelled
+from .stage import Callback, Cancelled, Stage
 
 LOW_MEMORY_CACHE_BYTES = 256 * 1024 * 1024
 
@@ -71,7 +72,8 @@ class SDXLPipeline:
     def from_pretrained(cls, base, refiner=None, *, dtype=mx.float16, refiner_bits: Optional[int] = None,
                         low_memory: bool = False, vae=None, config=None, refiner_config=None, tokenizer=None,
                         tokenizer_2=None, base_bits: Optional[int] = None, text_encoder_bits: Optional[int] = None,
-                        group_size: int = DEFAULT_GROUP_SIZE, compile: bool = False) -> "SDXLPipeline":
+                        group_size: int = DEFAULT_GROUP_SIZE, compile: bool = False,
+                        prediction_type: Optional[str] = None) -> "SDXLPipeline":
         """Load lazily from any source: a diffusers folder, a hub id, a single-file
         .safetensors checkpoint, or a folder written by `mlx-sdxl convert` (whose
         refiner/ is used unless refiner=False).
@@ -83,7 +85,10 @@ class SDXLPipeline:
         64 or 128) quantize those models as they load; pre-quantized converted
         folders need no flag. `compile=True` runs each UNet step as one compiled MLX
         graph (the first step of each shape pays for the compilation).
+        `prediction_type` ("epsilon", "v_prediction", "sample") says what the models predict,
+        over their scheduler_config.json or, for single files, the `v_pred` key detection.
         """
+        with_prediction_type(None, prediction_type)  # a bad value fails before any file is opened
         base_path = Path(str(base)).expanduser()
         if refiner is None and base_path.is_dir() and (base_path / "manifest.json").is_file() \
                 and (base_path / REFINER).is_dir() and is_converted(base_path):
@@ -95,6 +100,10 @@ class SDXLPipeline:
         refiner_src = open_source(refiner, REFINER, config=refiner_config, tokenizer=near,
                                   tokenizer_2=tokenizer_2) if refiner is not None else None
         vae_src = vae_source(vae) if vae is not None else None
+        if prediction_type is not None:
+            base_src, refiner_src = (None if s is None else dataclasses.replace(
+                s, scheduler_config=with_prediction_type(s.scheduler_config, prediction_type))
+                for s in (base_src, refiner_src))
         return cls(base_src, refiner_src, dtype=dtype, refiner_bits=refiner_bits, low_memory=low_memory,
                    vae=vae_src, base_bits=base_bits, text_encoder_bits=text_encoder_bits, group_size=group_size,
                    compile=compile)
@@ -191,7 +200,8 @@ class SDXLPipeline:
                  high_noise_frac: Optional[float] = None, guidance_scale: float = DEFAULT_GUIDANCE,
                  guidance_rescale: float = 0.0, width: Optional[int] = None, height: Optional[int] = None,
                  num_images_per_prompt: int = 1, seed: Seed = None, latents=None, noise=None,
-                 scheduler: str = DEFAULT_SCHEDULER, aesthetic_score: float = DEFAULT_AESTHETIC_SCORE,
+                 scheduler: Optional[str] = None, timestep_spacing: Optional[str] = None,
+                 eta: Optional[float] = None, aesthetic_score: float = DEFAULT_AESTHETIC_SCORE,
                  negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE, original_size=None,
                  crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None,
@@ -218,6 +228,11 @@ class SDXLPipeline:
         (local paths too) or "none".
         `prompt_syntax`: "plain" (default; the text as written, cut at 77 tokens, as
         diffusers) or "a1111" (emphasis, BREAK, prompts of any length, as AUTOMATIC1111).
+        `scheduler`: a name from `schedulers.SCHEDULERS`; None runs the model's own sampler (the
+        class its scheduler_config.json names, with its settings; Euler when it names none of
+        ours). `timestep_spacing` ("leading", "linspace", "trailing") overrides the model
+        config's; `eta` is tcd's (0 to 1, default 0.3). With `guidance_scale` <= 1 no
+        unconditional batch runs (the way to run Turbo, Lightning and Hyper-SD).
         """
         request = Request(**{k: v for k, v in locals().items() if k not in ("self", "callback")})
         plan = make_plan(request, self.base, self.refiner, self.vae_scale_factor)  # all checks, no heavy work
@@ -228,7 +243,8 @@ class SDXLPipeline:
                  num_inference_steps: int = DEFAULT_STEPS, high_noise_frac: float = DEFAULT_HIGH_NOISE_FRAC,
                  guidance_scale: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0,
                  width: Optional[int] = None, height: Optional[int] = None, num_images_per_prompt: int = 1,
-                 seed: Seed = None, latents=None, scheduler: str = DEFAULT_SCHEDULER,
+                 seed: Seed = None, latents=None, scheduler: Optional[str] = None,
+                 timestep_spacing: Optional[str] = None, eta: Optional[float] = None,
                  aesthetic_score: float = DEFAULT_AESTHETIC_SCORE,
                  negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE, original_size=None,
                  crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
@@ -247,7 +263,8 @@ class SDXLPipeline:
     def refine(self, image, prompt: Prompt, negative_prompt: Optional[Prompt] = None, *,
                strength: float = DEFAULT_STRENGTH, num_inference_steps: int = DEFAULT_STEPS,
                guidance_scale: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0,
-               num_images_per_prompt: int = 1, seed: Seed = None, noise=None, scheduler: str = DEFAULT_SCHEDULER,
+               num_images_per_prompt: int = 1, seed: Seed = None, noise=None, scheduler: Optional[str] = None,
+               timestep_spacing: Optional[str] = None, eta: Optional[float] = None,
                aesthetic_score: float = DEFAULT_AESTHETIC_SCORE,
                negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE, original_size=None,
                crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
@@ -272,13 +289,51 @@ class SDXLPipeline:
                     x, stages = image_latents(plan, stages, self.models.get(self.vae_source, "vae", timings),
                                               self.scaling_factor, self.vae_scale_factor)
                 for stage in stages:
-                    unet = self.models.get(stage.source, "unet", timings)
-                    x, timings[stage.name] = stage.run(unet, x, callback, forward=self.models.forward(unet))
-                    del unet
-                    if self.low_memory:
-                        self.models.release(stage.source, "unet")
+                    x = self._run_stage(stage, x, callback, timings)
                 images = self._output(x, plan, settings, callback, timings)
                 return GenerationResult(images, plan.seeds, settings, timings)
+            except Cancelled:
+                mx.clear_cache()
+                return GenerationResult(None, plan.seeds, settings, timings, cancelled=True)
+
+    def _run_stage(self, stage: Stage, x: mx.array, callback: Optional[Callable], timings: dict) -> mx.array:
+        unet = self.models.get(stage.source, "unet", timings)
+        x, timings[stage.name] = stage.run(unet, x, callback, forward=self.models.forward(unet))
+        del unet
+        if self.low_memory:
+            self.models.release(stage.source, "unet")
+        return x
+
+    # ------------------------------------------------------------------ a plan in two halves
+    # mlx_sdxl.batch runs the text encoders and the base in one process and the refiner and the
+    # VAE in another (`mlx-sdxl batch --stages`); the two halves make `_run`'s images bit for bit.
+    def plan(self, prompt: Prompt, **kwargs) -> Plan:
+        """The checked Plan that `generate(prompt, **kwargs)` runs (no model loads)."""
+        return make_plan(Request(prompt, **kwargs), self.base, self.refiner, self.vae_scale_factor)
+
+    def run_first_stage(self, plan: Plan, callback: Optional[Callback] = None,
+                        timings: Optional[dict] = None) -> Tuple[mx.array, Tuple[Stage, ...]]:
+        """Encode every stage's conditioning and run a text-to-image plan's first stage: (its
+        latents, the later stages with their conditioning). Loads the text encoders and that UNet."""
+        if plan.image is not None:
+            raise InputError("only a text-to-image plan runs in two halves")
+        timings = {} if timings is None else timings
+        with self._lock:
+            stages = self._condition(plan, timings)
+            return self._run_stage(stages[0], plan.latents, callback, timings), tuple(stages[1:])
+
+    def run_last_stages(self, plan: Plan, x: mx.array, stages: Tuple[Stage, ...] = (),
+                        callback: Optional[Callback] = None, timings: Optional[dict] = None) -> GenerationResult:
+        """Run `stages` (conditioned, e.g. by `run_first_stage` in another process) on the
+        latents `x`, then decode: what `generate` returns for `plan`. Loads those UNets and the VAE."""
+        timings = {} if timings is None else timings
+        settings = [self._record(s, plan) for s in plan.settings]
+        with self._lock:
+            try:
+                for stage in stages:
+                    x = self._run_stage(stage, x, callback, timings)
+                return GenerationResult(self._output(x, plan, settings, callback, timings), plan.seeds, settings,
+                                        timings)
             except Cancelled:
                 mx.clear_cache()
                 return GenerationResult(None, plan.seeds, settings, timings, cancelled=True)

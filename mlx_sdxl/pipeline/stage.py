@@ -31,10 +31,21 @@ class Guidance:
 
     scale: float
     rescale: float = 0.0
+    embed_dim: Optional[int] = None  # an LCM UNet's time_cond_proj_dim: the scale enters as an embedding
 
     @property
     def active(self) -> bool:
-        return self.scale > 1
+        """A second, unconditional batch: only for scale > 1, and never for an LCM UNet (diffusers)."""
+        return self.scale > 1 and self.embed_dim is None
+
+    def unet_kwargs(self, batch: int) -> dict:
+        """What the UNet takes besides the batch: an LCM UNet's embedding of w = scale - 1."""
+        if self.embed_dim is None:
+            return {}
+        from ..models.unet import guidance_scale_embedding
+
+        w = mx.full((batch,), self.scale - 1.0, dtype=mx.float32)
+        return {"timestep_cond": guidance_scale_embedding(w, self.embed_dim)}
 
     def __call__(self, eps: mx.array) -> mx.array:
         return guide(eps, self.scale, self.rescale)
@@ -81,6 +92,7 @@ class Stage:
         step_keys = [mx.random.split(k, max(total, 1)) for k in self.keys] if sched.stochastic else None
         t0 = time.perf_counter()
         mx.reset_peak_memory()
+        extra = self.guidance.unet_kwargs(x.shape[0])  # an LCM UNet's guidance embedding
         cross_kv = unet.cross_attention_kv(embeds)  # the prompt's keys and values, once per stage
         mx.eval(cross_kv)
         for n, i in enumerate(self.steps):
@@ -90,7 +102,7 @@ class Stage:
                 xin = mx.concatenate([xin, xin], axis=0)
             if self.extra_channels is not None:
                 xin = mx.concatenate([xin, self.extra_channels], axis=-1)
-            eps = forward(xin, t, embeds, text_embeds=pooled, time_ids=time_ids, cross_kv=cross_kv)
+            eps = forward(xin, t, embeds, text_embeds=pooled, time_ids=time_ids, cross_kv=cross_kv, **extra)
             if guided:
                 eps = self.guidance(eps)
             noise = per_image_normal(x.shape, [k[n] for k in step_keys]) if step_keys else None

@@ -112,6 +112,17 @@ def make_scheduler(name: str = "euler", config: Optional[dict] = None, **options
     return cls(cfg, eta=eta) if cls is TCDScheduler else cls(cfg)
 
 
+def with_prediction_type(config: Optional[dict], prediction_type: Optional[str]) -> dict:
+    """`config` (None: SDXL's) with its prediction_type replaced (None keeps it): the user's word
+    on what a model predicts, over its file or single-file detection."""
+    config = dict(config if isinstance(config, dict) else SDXL_SCHEDULER_CONFIG)
+    if prediction_type is None:
+        return config
+    if prediction_type not in PREDICTION_TYPES:
+        raise InputError(f"unknown prediction_type {prediction_type!r}; accepted: {', '.join(PREDICTION_TYPES)}")
+    return {**config, "prediction_type": prediction_type}
+
+
 def default_scheduler(config: Optional[dict]) -> str:
     """The sampler a model's scheduler_config.json names, when it is one of ours (diffusers class,
     DPM-Solver's algorithm_type, Karras sigmas); spec.DEFAULT_SCHEDULER otherwise."""
@@ -134,6 +145,7 @@ def default_scheduler(config: Optional[dict]) -> str:
 __all__ = [
     "SCHEDULERS", "STOCHASTIC", "OPTIONS", "TIMESTEP_SPACINGS", "PREDICTION_TYPES", "SDXL_SCHEDULER_CONFIG",
     "SchedulerConfig", "Scheduler", "make_scheduler", "default_scheduler", "scheduler_name", "split_for_handoff",
+    "with_prediction_type",
     "img2img_start", "alphas_cumprod", "EulerScheduler", "EulerKarrasScheduler", "EulerAncestralScheduler",
     "DPMSolverMultistepScheduler", "DPMSolverMultistepKarrasScheduler", "DPMSolverSDEScheduler",
     "DPMSolverSDEKarrasScheduler", "UniPCMultistepScheduler", "DDIMScheduler", "LCMScheduler", "TCDScheduler",

@@ -39,6 +39,11 @@ class Scheduler:
         self.config = cfg
         self.alphas_cumprod = alphas_cumprod(cfg, self.zero_snr_floor)
         self.train_sigmas = sigmas_from_alphas(self.alphas_cumprod)  # indexed by t
+        if self.zero_snr_floor and cfg.rescale_betas_zero_snr:
+            # sqrt((1 - 2^-24) / 2^-24) lies within 1e-11 of the midpoint between float32 4095.99976 and
+            # 4096; torch's float32 pow rounds it up, and the first step from this sigma amplifies the
+            # difference about 1000-fold, so take diffusers' value
+            self.train_sigmas[-1] = f32(4096.0)
         self.num_steps = 0
         self.timesteps = np.zeros((0,), dtype=f32)
         self.sigmas = np.zeros((1,), dtype=f32)

@@ -37,17 +37,19 @@ class Choice:
 
 
 class ModelManager:
-    def __init__(self, config: ServerConfig, default_title: str, refiner_title: Optional[str]):
+    def __init__(self, config: ServerConfig):
+        """Opens the server's own --model and --refiner (configs only; weights load on first use)."""
         self.config = config
-        opts = config.models
-        self.default = Checkpoint(default_title, opts.model, None)
-        self.default_refiner = Checkpoint(refiner_title, opts.refiner, None) if opts.refiner else None
-        self._selected = self.default     # what options say (POST /options switches it)
-        self._pipe = None
-        self._loaded: Optional[Tuple[str, Optional[str]]] = None
         self._lock = threading.Lock()
         self.embeddings_loaded: Dict[str, dict] = {}
         self.embeddings_skipped: Dict[str, dict] = {}
+        opts = config.models
+        self._pipe = self._build(opts.model, opts.refiner)
+        self._loaded: Optional[Tuple[str, Optional[str]]] = (opts.model, opts.refiner)
+        self.default = Checkpoint(self._pipe.base.name, opts.model, None)
+        refiner = self._pipe.refiner
+        self.default_refiner = Checkpoint(refiner.name, opts.refiner, None) if refiner is not None else None
+        self._selected = self.default     # what options say (POST /options switches it)
 
     # ---------------------------------------------------------------- listings (any thread)
     def checkpoints(self) -> List[Checkpoint]:
@@ -136,8 +138,14 @@ class ModelManager:
                                  "vectors": emb.length}
         self.embeddings_loaded, self.embeddings_skipped = loaded, skipped
 
-    def current_pipeline(self):
-        return self._pipe
+    def loaded_hash(self, checkpoint: Checkpoint) -> Optional[str]:
+        """The short hash of `checkpoint` when it is the loaded base (hashing other files would read them)."""
+        pipe, loaded = self._pipe, self._loaded
+        if pipe is not None and loaded is not None and loaded[0] == checkpoint.spec:
+            return pipe.base.short_hash
+        if pipe is not None and pipe.refiner is not None and loaded[1] == checkpoint.spec:
+            return pipe.refiner.short_hash
+        return None
 
 
 def loras(folder: Optional[Path]) -> List[dict]:

@@ -36,6 +36,7 @@ class ServerState:
     previews_made: int = 0               # over the server's life (tests read it)
     _job: _Job = field(default_factory=_Job)
     _preview_wanted: bool = False
+    _closing: bool = False               # the server is stopping: every job stops at its next step
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ---------------------------------------------------------------- the worker
@@ -53,7 +54,7 @@ class ServerState:
         """Record a finished step; True when the job must stop now (interrupt or skip)."""
         with self._lock:
             self._job.step = step
-            return self._job.interrupted or self._job.skipped
+            return self._job.interrupted or self._job.skipped or self._closing
 
     def preview_due(self) -> bool:
         """True when a client asked for a preview and none was made in the last `preview_every` steps."""
@@ -90,10 +91,16 @@ class ServerState:
             self._job.skipped = True
             return True
 
+    def close(self) -> None:
+        """The server is stopping: the running job (and any that starts now) stops at its next step."""
+        with self._lock:
+            self._closing = True
+            self._job.interrupted = bool(self._job.name) or self._job.interrupted
+
     @property
     def interrupted(self) -> bool:
         with self._lock:
-            return self._job.interrupted
+            return self._job.interrupted or self._closing
 
     @property
     def skipped(self) -> bool:
