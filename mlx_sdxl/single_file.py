@@ -57,11 +57,24 @@ _DDPM_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_
                  "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                  "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
                  "posterior_mean_coef1", "posterior_mean_coef2", "lvlb_weights")
+# Marker keys (empty tensors) that A1111 and ComfyUI read as the model's noise schedule: a `v_pred`
+# key means v-prediction, a `ztsnr` key zero terminal SNR. What each sets in the scheduler config:
+SCHEDULE_MARKERS = {
+    "v_pred": {"prediction_type": "v_prediction"},
+    # zero-SNR training (arXiv 2305.08891) samples from t = T-1, so its spacing is "trailing"
+    "ztsnr": {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+}
 _IGNORABLE = re.compile(
     r"(^|\.)(logit_scale|position_ids|attn_mask)$"
     r"|^denoiser\.|^model_ema\."
-    rf"|^({'|'.join(_DDPM_BUFFERS)})$"
+    rf"|^({'|'.join(_DDPM_BUFFERS + tuple(SCHEDULE_MARKERS))})$"
 )
+
+
+def schedule_of(keys: Iterable[str]) -> dict:
+    """The scheduler config settings a checkpoint's marker keys (`v_pred`, `ztsnr`) call for."""
+    keys = set(keys)
+    return {k: v for marker, settings in SCHEDULE_MARKERS.items() if marker in keys for k, v in settings.items()}
 
 
 def is_ignorable(key: str) -> bool:
@@ -473,9 +486,9 @@ def infer_unet_config(w: Mapping, *, pooled_dim: Optional[int] = None, num_time_
     if "norm_num_groups" not in overrides:
         config["norm_num_groups"] = _groups(channels, 32, what)
     config.update(overrides)
-    if config["in_channels"] != 4:
-        raise WeightsError(f"{what} takes {config['in_channels']} input channels; mlx_sdxl supports SDXL "
-                           "text-to-image / image-to-image UNets with 4 (inpainting checkpoints have 9)")
+    if config["in_channels"] not in (4, 9):
+        raise WeightsError(f"{what} takes {config['in_channels']} input channels; mlx_sdxl supports SDXL UNets "
+                           "with 4 (text and image to image) or 9 (inpainting: latents, mask, masked image)")
     return config
 
 
@@ -582,6 +595,7 @@ class SingleFileCheckpoint:
     components: Dict[str, Tuple[dict, Dict]]
     unused: List[str] = field(default_factory=list)
     path: Optional[Path] = None
+    schedule: Dict[str, object] = field(default_factory=dict)  # scheduler config from `v_pred` / `ztsnr`
 
     @property
     def role(self) -> str:
@@ -626,7 +640,7 @@ def load_single_file(path, *, head_dim: int = 64,
     except (WeightsError, ConfigError) as e:
         raise type(e)(f"{path}: {e}") from None
     return SingleFileCheckpoint(kind, {name: (configs[name], components[name]) for name in components},
-                                unused, path)
+                                unused, path, schedule_of(weights.keys()))
 
 
 def ldm_vae_to_diffusers(weights: Mapping) -> Dict:

@@ -305,6 +305,7 @@ def single_file_source(path, role: Optional[str] = None, *, config=None, tokeniz
         role=ckpt.role, description=str(path), configs=configs, loaders=loaders,
         tokenizers={}, fingerprints={name: f"{fp}:{name}" for name in loaders},
         force_zeros_for_empty_prompt=ckpt.role == BASE, requires_aesthetics_score=ckpt.role == REFINER,
+        scheduler_config={**SDXL_SCHEDULER_CONFIG, **ckpt.schedule},  # no config in the file: SDXL's + markers
     )
     if role is not None:
         _check_role(source, role)

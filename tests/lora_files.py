@@ -31,8 +31,14 @@ def layers(model, pattern: re.Pattern, kinds=(torch.nn.Linear, torch.nn.Conv2d))
     return {n: m for n, m in model.named_modules() if pattern.search(n) and isinstance(m, kinds)}
 
 
-def factors(module, rank: int, gen: torch.Generator, std: float, tucker: bool = False):
-    """Random (down, up[, mid]) for a Linear or Conv2d in PyTorch layout."""
+QK = re.compile(r"(to_q|to_k|q_proj|k_proj)$")
+
+
+def factors(module, rank: int, gen: torch.Generator, std: float, tucker: bool = False, name: str = ""):
+    """Random (down, up[, mid]) for a Linear or Conv2d in PyTorch layout. Query and key projections
+    get a third of `std`: larger changes there saturate the attention and make the images chaotic
+    (tiny float differences then grow past any parity bound)."""
+    std = std / 3 if QK.search(name) else std
     w = module.weight
     o, i = w.shape[:2]
     k = tuple(w.shape[2:])
@@ -72,7 +78,7 @@ def kohya_file(path, pipe, *, seed=0, rank=4, alpha: Optional[float] = 2.0, std=
     gen = torch.Generator().manual_seed(seed)
     sd = {}
     for name, (module, _) in kohya_names(pipe, unet_pattern, sgm, text_encoders).items():
-        down, up, mid = factors(module, rank, gen, std, tucker)
+        down, up, mid = factors(module, rank, gen, std, tucker, name)
         sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"] = down, up
         if mid is not None:
             sd[f"{name}.lora_mid.weight"] = mid
@@ -85,7 +91,7 @@ def kohya_file(path, pipe, *, seed=0, rank=4, alpha: Optional[float] = 2.0, std=
 def _peft_layers(model, pattern, rank, gen, std, prefix_text_model=False):
     out = {}
     for n, mod in layers(model, pattern).items():
-        down, up, _ = factors(mod, rank, gen, std)
+        down, up, _ = factors(mod, rank, gen, std, name=n)
         if prefix_text_model and not n.startswith("text_model."):
             n = "text_model." + n
         out[f"{n}.lora_A.weight"], out[f"{n}.lora_B.weight"] = down, up
@@ -118,7 +124,7 @@ def old_diffusers_file(path, pipe, *, seed=0, rank=4, std=0.3) -> Path:
     sd = {}
     for n, mod in layers(pipe.unet, re.compile(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$")).items():
         attn, proj = re.match(r"(.+)\.(to_q|to_k|to_v|to_out)(\.0)?$", n).group(1, 2)
-        down, up, _ = factors(mod, rank, gen, std)
+        down, up, _ = factors(mod, rank, gen, std, name=n)
         sd[f"unet.{attn}.processor.{proj}_lora.down.weight"] = down
         sd[f"unet.{attn}.processor.{proj}_lora.up.weight"] = up
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))

@@ -247,3 +247,23 @@ def test_cli_img2img_and_inpainting_replay_from_their_png(tiny_sdxl, tmp_path):
         np.testing.assert_array_equal(np.asarray(im), made)
     rc, _, err = run("generate", "a cat", *common, "--mask", tmp_path / "mask.png", "-o", tmp_path / "x.png")
     assert rc == 2 and "--mask needs --image" in err
+
+
+def test_single_file_inpainting_checkpoint_is_detected(tmp_path):
+    """A single SGM file whose first conv takes 9 channels loads as an inpainting base."""
+    import diffusers
+
+    from sgm_inverse import write_sgm_checkpoint
+    from test_single_file import BASE, HEAD_DIM, state_dicts, tiny_models
+
+    from mlx_sdxl.single_file import load_single_file
+
+    models = tiny_models(BASE)
+    config = {k: v for k, v in models["unet"].config.items() if k != "_use_default_values"}
+    config["in_channels"] = 9
+    models["unet"] = diffusers.UNet2DConditionModel.from_config(config)
+    sds = state_dicts(models)
+    path = tmp_path / "sd_xl_inpaint.safetensors"
+    write_sgm_checkpoint(path, sds["unet"], sds["vae"], sds["text_encoder"], sds["text_encoder_2"], {})
+    ckpt = load_single_file(path, head_dim=HEAD_DIM)
+    assert ckpt.role == "base" and ckpt.components["unet"][0]["in_channels"] == 9

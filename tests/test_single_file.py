@@ -412,11 +412,14 @@ def test_inconsistent_shapes_are_caught_at_split_or_inference(tiny_file):
             clip_from_weights(config, te)
 
 
-def test_inpainting_unet_is_refused():
+def test_inpainting_unet_is_accepted_and_other_widths_refused():
     weights, _ = shape_stand_ins(BASE)
     weights["model.diffusion_model.input_blocks.0.0.weight"] = mx.zeros((320, 9, 3, 3))
     components, _ = split_checkpoint(weights)
-    with pytest.raises(WeightsError, match="9"):
+    assert infer_configs(components, BASE)["unet"]["in_channels"] == 9  # inpainting: latents, mask, masked image
+    weights["model.diffusion_model.input_blocks.0.0.weight"] = mx.zeros((320, 7, 3, 3))
+    components, _ = split_checkpoint(weights)
+    with pytest.raises(WeightsError, match="7 input channels"):
         infer_configs(components, BASE)
 
 

@@ -11,6 +11,7 @@ because a rank was lost or could not run (run the same command again to resume);
 from __future__ import annotations
 
 import argparse
+import os
 import queue
 import secrets
 import sys
@@ -87,20 +88,36 @@ def main(argv: Optional[List[str]] = None, prog: str = "mlx-sdxl batch") -> int:
         args, rest = build_parser(prog).parse_known_args(argv)
     except SystemExit as e:  # --help, or a usage error already reported
         return e.code if isinstance(e.code, int) else 2
+    ranks = []
     with terminate_as_interrupt():  # SIGTERM / SIGHUP unwind like Ctrl-C: no temporary is left behind
         try:
-            return _run(args, rest, argv, prog)
+            status = _run(args, rest, argv, prog, ranks)
         except (SDXLError, OSError) as e:
-            return _error(prog, e)
+            status = _error(prog, e)
         except KeyboardInterrupt as e:  # Ctrl-C 130; signals.Terminated: SIGTERM 143, SIGHUP 129
-            return report(prog, e)
+            status = report(prog, e)
+    if ranks and ranks[0] > 1:
+        _leave(status)
+    return status
 
 
-def _run(args, rest: List[str], argv: List[str], prog: str) -> int:
+def _leave(status: int) -> None:
+    """End a rank of a distributed batch now: a receive still pending in a background thread (after
+    Ctrl-C, or a lost rank) must not reach MLX's teardown, which aborts the process."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
+def _run(args, rest: List[str], argv: List[str], prog: str, ranks: list) -> int:
     defaults = read_defaults(GenerateOptions(), rest)
     stages = parse_stages(args.stages) if args.stages is not None else None
     group = world() if (args.distributed or args.gather or stages) else None
     size = group.size() if group is not None else 1
+    ranks.append(size)
     if stages and size != 2:
         raise InputError(f"--stages {BATCH_STAGES} needs exactly 2 ranks (mlx.launch -n 2, or --hosts a,b), "
                          f"got {size}")

@@ -1,0 +1,371 @@
+"""Issue 17 end to end: the new samplers, prediction types, zero-SNR, the model's own sampler and
+LCM UNets in the whole pipeline against diffusers (fp32, tiny models, same initial latents, the
+same step noise where a sampler draws any), within 2e-3 mean absolute difference of the images.
+"""
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from diffusers.schedulers import scheduling_euler_ancestral_discrete, scheduling_lcm
+
+from mlx_sdxl import SDXLPipeline
+from mlx_sdxl.errors import ConfigError, InputError
+from mlx_sdxl.models.unet import UNet2DConditionModel
+from sampler_refs import REFERENCES
+
+torch.set_grad_enabled(False)
+PROMPT = "a photo of a cat"
+SIZE = 64
+TOL = 2e-3
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_sdxl):
+    base_dir, refiner_dir, base, refiner = tiny_sdxl
+    original = base.scheduler, refiner.scheduler
+    yield tiny_sdxl
+    base.scheduler, refiner.scheduler = original  # other modules' tests expect the Euler they were made with
+
+
+@pytest.fixture(scope="module")
+def ours(tiny):
+    return SDXLPipeline.from_pretrained(tiny[0], dtype=mx.float32)
+
+
+@pytest.fixture(scope="module")
+def ours_with_refiner(tiny):
+    return SDXLPipeline.from_pretrained(tiny[0], tiny[1], dtype=mx.float32)
+
+
+@pytest.fixture
+def unet_calls(monkeypatch):
+    """(batch, has timestep_cond) of every UNet call of ours."""
+    calls = []
+    plain = UNet2DConditionModel.__call__
+
+    def spy(self, sample, *args, **kwargs):
+        calls.append((sample.shape[0], kwargs.get("timestep_cond") is not None))
+        return plain(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "__call__", spy)
+    return calls
+
+
+def noise(seed=1):
+    return np.random.default_rng(seed).standard_normal((1, SIZE // 8, SIZE // 8, 4)).astype(np.float32)
+
+
+def nchw(a):
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(0, 3, 1, 2)))
+
+
+def use(pipe, name, config=None, **settings):
+    """Give a diffusers pipeline the scheduler our `name` is, from `config` (default: its own)."""
+    cls, fixed = REFERENCES[name]
+    pipe.scheduler = cls.from_config(config or pipe.scheduler.config, **fixed, **settings)
+
+
+def step_noise(seed: int, steps: int, stage_index: int = 1):
+    """The noise our stochastic samplers draw at each step of a text-to-image run's first stage."""
+    key = mx.random.split(mx.random.key(seed), 3)[stage_index]
+    return [np.array(mx.random.normal((1, SIZE // 8, SIZE // 8, 4), key=k)) for k in mx.random.split(key, steps)]
+
+
+def feed(monkeypatch, module, arrays):
+    arrays = [nchw(a) for a in arrays]
+    calls = iter(arrays)
+    monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: next(calls))
+
+
+def mean_abs(a, b):
+    assert a.shape == b.shape
+    return float(np.abs(a - b).mean())
+
+
+def model_copy(src, dst, scheduler_config=None, unet=None):
+    """A copy of a tiny diffusers folder with another scheduler config and/or UNet."""
+    shutil.copytree(src, dst)
+    if scheduler_config is not None:
+        (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config))
+    if unet is not None:
+        shutil.rmtree(dst / "unet")
+        unet.save_pretrained(str(dst / "unet"))
+    return dst
+
+
+# ---------------------------------------------------------------------------------------- few steps
+def test_lcm_one_step_guidance_one(tiny, ours, unet_calls):
+    base = tiny[2]
+    use(base, "lcm")
+    z = noise(1)
+    ref = base(PROMPT, latents=nchw(z), num_inference_steps=1, guidance_scale=1.0, height=SIZE, width=SIZE,
+               output_type="np").images
+    got = ours(PROMPT, latents=mx.array(z), num_inference_steps=1, guidance_scale=1.0, height=SIZE, width=SIZE,
+               scheduler="lcm", output_type="np")
+    assert mean_abs(got, ref) <= TOL and ref.std() > 0.05
+    assert unet_calls == [(1, False)]  # guidance 1: no unconditional batch
+    euler = ours(PROMPT, latents=mx.array(z), num_inference_steps=1, guidance_scale=1.0, height=SIZE, width=SIZE,
+                 scheduler="euler", output_type="np")
+    assert mean_abs(euler, got) > 20 * TOL  # the sampler is what made the image
+
+
+def test_lcm_more_steps_follow_the_seed(tiny, ours, monkeypatch):
+    kw = dict(num_inference_steps=4, guidance_scale=1.0, height=SIZE, width=SIZE, scheduler="lcm", output_type="np")
+    a, b, c = ours(PROMPT, seed=3, **kw), ours(PROMPT, seed=3, **kw), ours(PROMPT, seed=4, **kw)
+    np.testing.assert_array_equal(a, b)
+    assert mean_abs(a, c) > 20 * TOL
+    # with the noise our run drew at each step, diffusers makes the same image
+    base = tiny[2]
+    use(base, "lcm")
+    z = noise(2)
+    feed(monkeypatch, scheduling_lcm, step_noise(5, 4)[:3])  # every step but the last draws
+    ref = base(PROMPT, latents=nchw(z), **{k: v for k, v in kw.items() if k != "scheduler"}).images
+    got = ours(PROMPT, latents=mx.array(z), seed=5, **kw)
+    assert mean_abs(got, ref) <= TOL
+
+
+def test_euler_trailing_four_steps_guidance_zero(tiny, ours, unet_calls):
+    base = tiny[2]
+    use(base, "euler", timestep_spacing="trailing")
+    z = noise(3)
+    ref = base(PROMPT, latents=nchw(z), num_inference_steps=4, guidance_scale=0.0, height=SIZE, width=SIZE,
+               output_type="np").images
+    result = ours.generate(PROMPT, latents=mx.array(z), num_inference_steps=4, guidance_scale=0.0, height=SIZE,
+                           width=SIZE, scheduler="euler", timestep_spacing="trailing", output_type="np")
+    assert mean_abs(result.images, ref) <= TOL
+    assert unet_calls == [(1, False)] * 4
+    assert result.settings[0]["scheduler"] == "euler" and result.settings[0]["timestep_spacing"] == "trailing"
+    leading = ours(PROMPT, latents=mx.array(z), num_inference_steps=4, guidance_scale=0.0, height=SIZE, width=SIZE,
+                   scheduler="euler", output_type="np")
+    assert mean_abs(leading, result.images) > 20 * TOL
+
+
+def test_tcd_four_steps_eta_zero(tiny, ours, unet_calls):
+    base = tiny[2]
+    use(base, "tcd")
+    z = noise(4)
+    ref = base(PROMPT, latents=nchw(z), num_inference_steps=4, guidance_scale=0.0, eta=0.0, height=SIZE,
+               width=SIZE, output_type="np").images
+    result = ours.generate(PROMPT, latents=mx.array(z), num_inference_steps=4, guidance_scale=0.0, height=SIZE,
+                           width=SIZE, scheduler="tcd", eta=0.0, output_type="np")
+    assert mean_abs(result.images, ref) <= TOL
+    assert unet_calls == [(1, False)] * 4
+    assert result.settings[0]["eta"] == 0.0
+    default_eta = ours(PROMPT, latents=mx.array(z), seed=1, num_inference_steps=4, guidance_scale=0.0, height=SIZE,
+                       width=SIZE, scheduler="tcd", output_type="np")
+    assert mean_abs(default_eta, result.images) > 5 * TOL  # eta 0.3 re-noises
+
+
+# ---------------------------------------------------------------------------------------- hand-off
+def _two_stage_reference(tiny, name, z, steps, frac=0.8):
+    base, refiner = tiny[2], tiny[3]
+    use(base, name)
+    use(refiner, name)
+    common = dict(prompt=PROMPT, num_inference_steps=steps)
+    handoff = base(latents=nchw(z), denoising_end=frac, output_type="latent", height=SIZE, width=SIZE,
+                   **common).images
+    return handoff.permute(0, 2, 3, 1).numpy(), refiner(image=handoff, denoising_start=frac, output_type="np",
+                                                        **common).images
+
+
+@pytest.mark.parametrize("name,steps", [("unipc", 12), ("euler_karras", 10)])
+def test_refiner_handoff(tiny, ours_with_refiner, unet_calls, name, steps):
+    z = noise(5)
+    ref_mid, ref = _two_stage_reference(tiny, name, z, steps)
+    mid = {}
+
+    def grab(stage, step, total, latents):
+        if stage == "base" and step == total:
+            mid["x"] = np.array(latents)
+
+    got = ours_with_refiner(PROMPT, latents=mx.array(z), num_inference_steps=steps, height=SIZE, width=SIZE,
+                            scheduler=name, output_type="np", callback=grab)
+    assert np.linalg.norm(mid["x"] - ref_mid) / np.linalg.norm(ref_mid) <= 1e-4
+    assert mean_abs(got, ref) <= TOL
+    assert {b for b, _ in unet_calls} == {2}  # guidance 5: the unconditional half runs
+
+
+def test_lcm_handoff_leaving_the_refiner_nothing(tiny):
+    pipe = SDXLPipeline.from_pretrained(tiny[0], tiny[1], dtype=mx.float32)
+    with pytest.raises(InputError, match=r"none of the 4 lcm steps.*high_noise_frac below 0\.741") as e:
+        pipe(PROMPT, num_inference_steps=4, height=SIZE, width=SIZE, scheduler="lcm")
+    assert "refiner=None" in str(e.value)
+    with pytest.raises(InputError, match="none of the 4 euler steps"):  # trailing: 999, 749, 499, 249
+        pipe(PROMPT, num_inference_steps=4, height=SIZE, width=SIZE, timestep_spacing="trailing")
+    with pytest.raises(InputError, match="none of the 4 lcm steps"):  # img2img with the hand-off too
+        pipe(PROMPT, image=np.zeros((1, SIZE, SIZE, 3), np.float32), strength=1.0, num_inference_steps=4,
+             scheduler="lcm")
+    assert pipe.models.loaded() == []  # refused before any model loads
+    pipe(PROMPT, num_inference_steps=4, height=SIZE, width=SIZE, scheduler="lcm", high_noise_frac=0.7, seed=1,
+         output_type="latent")  # below 0.741: the refiner runs the last step
+
+
+# ---------------------------------------------------------------------------------------- prediction types
+def test_v_prediction_zero_snr_base(tiny, tmp_path, unet_calls):
+    base_dir, _, base, _ = tiny
+    cfg = {**dict(base.scheduler.config), "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+           "timestep_spacing": "trailing"}
+    folder = model_copy(base_dir, tmp_path / "vpred", cfg)
+    use(base, "euler", cfg)
+    z = noise(6)
+    ref = base(PROMPT, latents=nchw(z), num_inference_steps=8, height=SIZE, width=SIZE, output_type="np").images
+    pipe = SDXLPipeline.from_pretrained(folder, dtype=mx.float32)
+    got = pipe(PROMPT, latents=mx.array(z), num_inference_steps=8, height=SIZE, width=SIZE, output_type="np")
+    assert mean_abs(got, ref) <= TOL and ref.std() > 0.05
+    eps = pipe(PROMPT, latents=mx.array(z), num_inference_steps=8, height=SIZE, width=SIZE, output_type="np",
+               timestep_spacing="leading")
+    assert mean_abs(eps, got) > 20 * TOL
+    assert {b for b, _ in unet_calls} == {2}
+
+
+def test_sample_prediction_one_step(tiny, tmp_path):
+    base_dir, _, base, _ = tiny
+    cfg = {**dict(base.scheduler.config), "prediction_type": "sample"}
+    folder = model_copy(base_dir, tmp_path / "sample", cfg)
+    use(base, "euler", cfg)
+    z = noise(7)
+    ref = base(PROMPT, latents=nchw(z), num_inference_steps=1, guidance_scale=0.0, height=SIZE, width=SIZE,
+               output_type="np").images
+    pipe = SDXLPipeline.from_pretrained(folder, dtype=mx.float32)
+    got = pipe(PROMPT, latents=mx.array(z), num_inference_steps=1, guidance_scale=0.0, height=SIZE, width=SIZE,
+               output_type="np")
+    assert mean_abs(got, ref) <= TOL
+    # the override of from_pretrained: the same folder read as epsilon gives another image
+    eps = SDXLPipeline.from_pretrained(folder, dtype=mx.float32, prediction_type="epsilon")
+    assert mean_abs(eps(PROMPT, latents=mx.array(z), num_inference_steps=1, guidance_scale=0.0, height=SIZE,
+                        width=SIZE, output_type="np"), got) > 20 * TOL
+    with pytest.raises(ConfigError, match="euler_a.*accepted: epsilon, v_prediction"):
+        pipe(PROMPT, num_inference_steps=2, height=SIZE, width=SIZE, scheduler="euler_a")
+    assert pipe.models.loaded() == []
+
+
+# ---------------------------------------------------------------------------------------- LCM UNet
+@pytest.fixture(scope="module")
+def lcm_unet_folder(tiny, tmp_path_factory):
+    from diffusers import UNet2DConditionModel as TorchUNet
+
+    from tiny import _randomize
+
+    base_dir, _, base, _ = tiny
+    unet = _randomize(TorchUNet.from_config({**dict(base.unet.config), "time_cond_proj_dim": 32}).eval(), 21, 0.05)
+    cfg = {**dict(base.scheduler.config), "_class_name": "LCMScheduler"}
+    return model_copy(base_dir, tmp_path_factory.mktemp("lcm_unet") / "lcm", cfg, unet), unet
+
+
+@pytest.mark.parametrize("name,steps,guidance", [("lcm", 1, 8.0), ("euler", 3, 3.0)])
+def test_lcm_unet_with_guidance_embedding(tiny, lcm_unet_folder, unet_calls, name, steps, guidance):
+    folder, unet = lcm_unet_folder
+    ref_pipe = StableDiffusionXLPipeline(**{**tiny[2].components, "unet": unet})
+    ref_pipe.set_progress_bar_config(disable=True)
+    use(ref_pipe, name, dict(tiny[2].scheduler.config))
+    z = noise(8)
+    kw = dict(num_inference_steps=steps, guidance_scale=guidance, height=SIZE, width=SIZE, output_type="np")
+    ref = ref_pipe(PROMPT, latents=nchw(z), **kw).images
+    pipe = SDXLPipeline.from_pretrained(folder, dtype=mx.float32)
+    result = pipe.generate(PROMPT, latents=mx.array(z), scheduler=name, **kw)
+    assert mean_abs(result.images, ref) <= TOL and ref.std() > 0.05
+    assert unet_calls == [(1, True)] * steps  # the scale goes in as an embedding: one batch, never two
+    other = pipe(PROMPT, latents=mx.array(z), scheduler=name, **{**kw, "guidance_scale": 1.0})
+    assert mean_abs(other, result.images) > 5 * TOL  # the embedding carries the scale
+
+
+def test_lcm_unet_folder_defaults_to_lcm(lcm_unet_folder):
+    pipe = SDXLPipeline.from_pretrained(lcm_unet_folder[0], dtype=mx.float32)
+    result = pipe.generate(PROMPT, num_inference_steps=2, guidance_scale=1.0, height=SIZE, width=SIZE, seed=1,
+                           output_type="latent")
+    assert result.settings[0]["scheduler"] == "lcm" and result.settings[0]["timestep_spacing"] is None
+
+
+# ---------------------------------------------------------------------------------------- the model's own sampler
+def test_model_config_gives_the_default_sampler(tiny, tmp_path, monkeypatch):
+    """SDXL-Turbo ships Euler ancestral with trailing spacing: that is what runs unless asked otherwise."""
+    base_dir, _, base, _ = tiny
+    cfg = {**dict(base.scheduler.config), "_class_name": "EulerAncestralDiscreteScheduler",
+           "timestep_spacing": "trailing"}
+    folder = model_copy(base_dir, tmp_path / "turbo", cfg)
+    pipe = SDXLPipeline.from_pretrained(folder, dtype=mx.float32)
+    z = noise(9)
+    kw = dict(num_inference_steps=4, guidance_scale=0.0, height=SIZE, width=SIZE, output_type="np")
+    result = pipe.generate(PROMPT, latents=mx.array(z), seed=11, **kw)
+    assert (result.settings[0]["scheduler"], result.settings[0]["timestep_spacing"]) == ("euler_a", "trailing")
+    use(base, "euler_a", cfg)
+    feed(monkeypatch, scheduling_euler_ancestral_discrete, step_noise(11, 4))
+    ref = base(PROMPT, latents=nchw(z), **kw).images
+    assert mean_abs(result.images, ref) <= TOL
+    # scheduler= replaces the class and keeps the schedule settings (trailing)
+    use(base, "euler", cfg)
+    ref_euler = base(PROMPT, latents=nchw(z), **kw).images
+    euler = pipe.generate(PROMPT, latents=mx.array(z), scheduler="euler", **kw)
+    assert euler.settings[0]["timestep_spacing"] == "trailing" and mean_abs(euler.images, ref_euler) <= TOL
+    assert mean_abs(euler.images, result.images) > 5 * TOL
+
+
+def test_stock_config_keeps_euler_leading(ours):
+    result = ours.generate(PROMPT, num_inference_steps=2, height=SIZE, width=SIZE, seed=1, output_type="latent")
+    assert (result.settings[0]["scheduler"], result.settings[0]["timestep_spacing"]) == ("euler", "leading")
+
+
+# ---------------------------------------------------------------------------------------- single files
+def test_single_file_v_pred_and_ztsnr_markers(tiny, tmp_path):
+    """A1111 / ComfyUI marker keys set v-prediction and zero-SNR (trailing); prediction_type= overrides."""
+    from sgm_inverse import write_sgm_checkpoint
+
+    base_dir, _, base, _ = tiny
+    path = tmp_path / "vpred_ztsnr.safetensors"
+    write_sgm_checkpoint(path, base.unet.state_dict(), base.vae.state_dict(), base.text_encoder.state_dict(),
+                         base.text_encoder_2.state_dict(), extra={"v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)})
+    with _no_unused_key_warning():
+        pipe = SDXLPipeline.from_pretrained(path, dtype=mx.float32, tokenizer=base_dir,
+                                            config=base_dir / "unet" / "config.json")
+    sched = pipe.base.scheduler_config
+    assert (sched["prediction_type"], sched["rescale_betas_zero_snr"], sched["timestep_spacing"]) == \
+        ("v_prediction", True, "trailing")
+    cfg = {**dict(base.scheduler.config), "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+           "timestep_spacing": "trailing"}
+    folder = SDXLPipeline.from_pretrained(model_copy(base_dir, tmp_path / "vp", cfg), dtype=mx.float32)
+    kw = dict(num_inference_steps=6, height=SIZE, width=SIZE, output_type="np", latents=mx.array(noise(10)))
+    np.testing.assert_allclose(pipe(PROMPT, **kw), folder(PROMPT, **kw), atol=1e-5)
+    eps = SDXLPipeline.from_pretrained(path, dtype=mx.float32, tokenizer=base_dir,
+                                       config=base_dir / "unet" / "config.json", prediction_type="epsilon")
+    assert eps.base.scheduler_config["prediction_type"] == "epsilon"
+    assert eps.base.scheduler_config["rescale_betas_zero_snr"] is True
+    with pytest.raises(InputError, match="epsilon, v_prediction, sample"):
+        SDXLPipeline.from_pretrained(path, prediction_type="v")
+
+
+class _no_unused_key_warning:
+    """The marker keys are known: loading warns of no unused checkpoint keys."""
+
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings(record=True)
+        self.seen = self._ctx.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+        assert not [w for w in self.seen if "not used" in str(w.message)]
+        return False
+
+
+# ---------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kw,error,match", [
+    (dict(scheduler="dpmpp_3m"), ConfigError, "accepted: euler, euler_a, dpmpp_2m"),
+    (dict(timestep_spacing="sgm_uniform"), InputError, "accepted: leading, linspace, trailing"),
+    (dict(scheduler="lcm", timestep_spacing="trailing"), InputError, "does not apply to the lcm sampler"),
+    (dict(scheduler="euler", eta=0.5), InputError, "eta applies to the tcd sampler only"),
+    (dict(scheduler="tcd", eta=2.0), InputError, r"eta must be a number in \[0, 1\]"),
+    (dict(scheduler="lcm", num_inference_steps=60), InputError, "at most original_inference_steps=50"),
+])
+def test_bad_sampler_input_before_any_work(tiny, kw, error, match):
+    pipe = SDXLPipeline.from_pretrained(tiny[0], dtype=mx.float32)
+    with pytest.raises(error, match=match):
+        pipe(PROMPT, **{"num_inference_steps": 4, "height": SIZE, "width": SIZE, **kw})
+    assert pipe.models.loaded() == []
