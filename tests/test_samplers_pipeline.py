@@ -65,9 +65,15 @@ def nchw(a):
 
 
 def use(pipe, name, config=None, **settings):
-    """Give a diffusers pipeline the scheduler our `name` is, from `config` (default: its own)."""
+    """Give a diffusers pipeline the scheduler our `name` is, made as diffusers users switch samplers:
+    the model's (Euler) scheduler from `config` (default: the tiny models'), then X.from_config."""
+    from diffusers import EulerDiscreteScheduler
+
+    from tiny import SCHEDULER_CONFIG
+
     cls, fixed = REFERENCES[name]
-    pipe.scheduler = cls.from_config(config or pipe.scheduler.config, **fixed, **settings)
+    euler = EulerDiscreteScheduler.from_config(config or SCHEDULER_CONFIG)
+    pipe.scheduler = cls.from_config(euler.config, **fixed, **settings)
 
 
 def step_noise(seed: int, steps: int, stage_index: int = 1):
