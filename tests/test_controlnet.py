@@ -269,6 +269,10 @@ def test_two_controlnets_with_scales_and_windows_match_diffusers(models):
         ref = torch_multi(models, inp, images, [0.7 * keep[0], 0.4 * keep[1]], False)
         down, mid = control_residuals(prepared, nets, *args, step, n, guided=True)
         assert worst(([to_np(d) for d in down], to_np(mid)), ref) <= 1e-4
+    compiled = {"edges": nets["edges"].compiled()}  # how a step may call a ControlNet instead
+    down, mid = control_residuals(prepared, nets, *args, 2, n, guided=True, forwards=compiled)
+    ref = torch_multi(models, inp, images, [0.7, 0.4], False)
+    assert worst(([to_np(d) for d in down], to_np(mid)), ref) <= 1e-4
     # a direct computation: the sum of each ControlNet's own residuals at its scale
     direct = [nets[c.name](args[0], 300.0, args[2], p.image, c.scale, text_embeds=args[3], time_ids=args[4])
               for c, p in zip(controls, prepared)]
@@ -383,6 +387,19 @@ def _unet_file(tmp_path):
     lone.parent.mkdir()
     lone.write_bytes((tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes())
     return lone
+
+
+def test_fp16_controlnet_feeds_an_fp16_unet(models):
+    net, unet = load_controlnet(models["dirs"][0], dtype="float16"), load_unet(models["unet_dir"], dtype="float16")
+    inp = inputs(1, 8, 8, seed=21)
+    down, mid = net(nhwc(inp["sample"]), 600.0, nhwc(inp["context"]), nhwc(inp["image"]),
+                    text_embeds=nhwc(inp["text_embeds"]), time_ids=nhwc(inp["time_ids"]))
+    assert mid.dtype == mx.float16
+    dense = run_ours(load_controlnet(models["dirs"][0]), inp, 600.0)
+    assert worst(([to_np(d) for d in down], to_np(mid)), dense) < 1e-2
+    out = unet(nhwc(inp["sample"]), 600.0, nhwc(inp["context"]), nhwc(inp["text_embeds"]), nhwc(inp["time_ids"]),
+               down_block_additional_residuals=[d.astype(mx.float32) for d in down], mid_block_additional_residual=mid)
+    assert out.dtype == mx.float16  # fp32 residuals do not promote the fp16 UNet
 
 
 def test_quantized_controlnet_stays_close(models):

@@ -17,6 +17,7 @@ from mlx_sdxl import SDXLPipeline
 from mlx_sdxl.errors import ConfigError, InputError
 from mlx_sdxl.models.unet import UNet2DConditionModel
 from sampler_refs import REFERENCES
+from tiny import SCHEDULER_CONFIG
 
 torch.set_grad_enabled(False)
 PROMPT = "a photo of a cat"
@@ -69,8 +70,6 @@ def use(pipe, name, config=None, **settings):
     the model's (Euler) scheduler from `config` (default: the tiny models'), then X.from_config."""
     from diffusers import EulerDiscreteScheduler
 
-    from tiny import SCHEDULER_CONFIG
-
     cls, fixed = REFERENCES[name]
     euler = EulerDiscreteScheduler.from_config(config or SCHEDULER_CONFIG)
     pipe.scheduler = cls.from_config(euler.config, **fixed, **settings)
@@ -83,14 +82,47 @@ def step_noise(seed: int, steps: int, stage_index: int = 1):
 
 
 def feed(monkeypatch, module, arrays):
-    arrays = [nchw(a) for a in arrays]
-    calls = iter(arrays)
+    """diffusers' sampler `module` draws `arrays` (NHWC, ours), one per call, in order."""
+    calls = iter([nchw(a) for a in arrays])
     monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: next(calls))
 
 
 def mean_abs(a, b):
     assert a.shape == b.shape
     return float(np.abs(a - b).mean())
+
+
+def rel_l2(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def run_ref(pipe, z, refeed=None, **kw):
+    """diffusers' (final latents NHWC, images); `refeed()` re-arms a noise feed before each run."""
+    out = []
+    for kind in ("latent", "np"):
+        if refeed is not None:
+            refeed()
+        images = pipe(PROMPT, latents=nchw(z), output_type=kind, height=SIZE, width=SIZE, **kw).images
+        out.append(images.permute(0, 2, 3, 1).numpy() if kind == "latent" else images)
+    return tuple(out)
+
+
+def run_ours(pipe, z, **kw):
+    """Our (final latents, images, settings of the image)."""
+    latents = np.array(pipe(PROMPT, latents=mx.array(z), output_type="latent", height=SIZE, width=SIZE, **kw))
+    result = pipe.generate(PROMPT, latents=mx.array(z), output_type="np", height=SIZE, width=SIZE, **kw)
+    return latents, result.images, result.settings[0]
+
+
+def assert_parity(got, ref, latent_tol=1e-4):
+    """Final latents to `latent_tol` relative L2 and images to 2e-3 mean absolute difference."""
+    assert rel_l2(got[0], ref[0]) <= latent_tol, rel_l2(got[0], ref[0])
+    assert mean_abs(got[1], ref[1]) <= TOL and ref[1].std() > 0.05
+
+
+def assert_changes(a, b):
+    """A feature's effect: the final latents move far beyond the parity tolerance."""
+    assert rel_l2(a[0], b[0]) > 0.02, rel_l2(a[0], b[0])
 
 
 def model_copy(src, dst, scheduler_config=None, unet=None):
@@ -106,65 +138,48 @@ def model_copy(src, dst, scheduler_config=None, unet=None):
 
 # ---------------------------------------------------------------------------------------- few steps
 def test_lcm_one_step_guidance_one(tiny, ours, unet_calls):
-    base = tiny[2]
-    use(base, "lcm")
+    use(tiny[2], "lcm")
     z = noise(1)
-    ref = base(PROMPT, latents=nchw(z), num_inference_steps=1, guidance_scale=1.0, height=SIZE, width=SIZE,
-               output_type="np").images
-    got = ours(PROMPT, latents=mx.array(z), num_inference_steps=1, guidance_scale=1.0, height=SIZE, width=SIZE,
-               scheduler="lcm", output_type="np")
-    assert mean_abs(got, ref) <= TOL and ref.std() > 0.05
-    assert unet_calls == [(1, False)]  # guidance 1: no unconditional batch
-    euler = ours(PROMPT, latents=mx.array(z), num_inference_steps=1, guidance_scale=1.0, height=SIZE, width=SIZE,
-                 scheduler="euler", output_type="np")
-    assert mean_abs(euler, got) > 20 * TOL  # the sampler is what made the image
+    kw = dict(num_inference_steps=1, guidance_scale=1.0)
+    got = run_ours(ours, z, scheduler="lcm", **kw)
+    assert_parity(got, run_ref(tiny[2], z, **kw))
+    assert set(unet_calls) == {(1, False)}  # guidance 1: no unconditional batch
+    assert_changes(run_ours(ours, z, scheduler="euler", **kw), got)  # the sampler made the image
 
 
 def test_lcm_more_steps_follow_the_seed(tiny, ours, monkeypatch):
-    kw = dict(num_inference_steps=4, guidance_scale=1.0, height=SIZE, width=SIZE, scheduler="lcm", output_type="np")
-    a, b, c = ours(PROMPT, seed=3, **kw), ours(PROMPT, seed=3, **kw), ours(PROMPT, seed=4, **kw)
+    kw = dict(num_inference_steps=4, guidance_scale=1.0, height=SIZE, width=SIZE, scheduler="lcm", output_type="latent")
+    a, b, c = (np.array(ours(PROMPT, seed=s, **kw)) for s in (3, 3, 4))
     np.testing.assert_array_equal(a, b)
-    assert mean_abs(a, c) > 20 * TOL
+    assert rel_l2(a, c) > 0.02
     # with the noise our run drew at each step, diffusers makes the same image
-    base = tiny[2]
-    use(base, "lcm")
+    use(tiny[2], "lcm")
     z = noise(2)
-    feed(monkeypatch, scheduling_lcm, step_noise(5, 4)[:3])  # every step but the last draws
-    ref = base(PROMPT, latents=nchw(z), **{k: v for k, v in kw.items() if k != "scheduler"}).images
-    got = ours(PROMPT, latents=mx.array(z), seed=5, **kw)
-    assert mean_abs(got, ref) <= TOL
+    ref = run_ref(tiny[2], z, refeed=lambda: feed(monkeypatch, scheduling_lcm, step_noise(5, 4)[:3]),  # no noise
+                  num_inference_steps=4, guidance_scale=1.0)                                           # at the last
+    assert_parity(run_ours(ours, z, seed=5, scheduler="lcm", num_inference_steps=4, guidance_scale=1.0), ref)
 
 
 def test_euler_trailing_four_steps_guidance_zero(tiny, ours, unet_calls):
-    base = tiny[2]
-    use(base, "euler", timestep_spacing="trailing")
+    use(tiny[2], "euler", timestep_spacing="trailing")
     z = noise(3)
-    ref = base(PROMPT, latents=nchw(z), num_inference_steps=4, guidance_scale=0.0, height=SIZE, width=SIZE,
-               output_type="np").images
-    result = ours.generate(PROMPT, latents=mx.array(z), num_inference_steps=4, guidance_scale=0.0, height=SIZE,
-                           width=SIZE, scheduler="euler", timestep_spacing="trailing", output_type="np")
-    assert mean_abs(result.images, ref) <= TOL
-    assert unet_calls == [(1, False)] * 4
-    assert result.settings[0]["scheduler"] == "euler" and result.settings[0]["timestep_spacing"] == "trailing"
-    leading = ours(PROMPT, latents=mx.array(z), num_inference_steps=4, guidance_scale=0.0, height=SIZE, width=SIZE,
-                   scheduler="euler", output_type="np")
-    assert mean_abs(leading, result.images) > 20 * TOL
+    kw = dict(num_inference_steps=4, guidance_scale=0.0)
+    got = run_ours(ours, z, scheduler="euler", timestep_spacing="trailing", **kw)
+    assert_parity(got, run_ref(tiny[2], z, **kw))
+    assert set(unet_calls) == {(1, False)} and len(unet_calls) == 8
+    assert (got[2]["scheduler"], got[2]["timestep_spacing"]) == ("euler", "trailing")
+    assert_changes(run_ours(ours, z, scheduler="euler", **kw), got)  # leading spacing
 
 
 def test_tcd_four_steps_eta_zero(tiny, ours, unet_calls):
-    base = tiny[2]
-    use(base, "tcd")
+    use(tiny[2], "tcd")
     z = noise(4)
-    ref = base(PROMPT, latents=nchw(z), num_inference_steps=4, guidance_scale=0.0, eta=0.0, height=SIZE,
-               width=SIZE, output_type="np").images
-    result = ours.generate(PROMPT, latents=mx.array(z), num_inference_steps=4, guidance_scale=0.0, height=SIZE,
-                           width=SIZE, scheduler="tcd", eta=0.0, output_type="np")
-    assert mean_abs(result.images, ref) <= TOL
-    assert unet_calls == [(1, False)] * 4
-    assert result.settings[0]["eta"] == 0.0
-    default_eta = ours(PROMPT, latents=mx.array(z), seed=1, num_inference_steps=4, guidance_scale=0.0, height=SIZE,
-                       width=SIZE, scheduler="tcd", output_type="np")
-    assert mean_abs(default_eta, result.images) > 5 * TOL  # eta 0.3 re-noises
+    kw = dict(num_inference_steps=4, guidance_scale=0.0)
+    got = run_ours(ours, z, scheduler="tcd", eta=0.0, **kw)
+    assert_parity(got, run_ref(tiny[2], z, eta=0.0, **kw))
+    assert set(unet_calls) == {(1, False)}
+    assert got[2]["eta"] == 0.0
+    assert_changes(run_ours(ours, z, scheduler="tcd", seed=1, **kw), got)  # the default eta 0.3 re-noises
 
 
 # ---------------------------------------------------------------------------------------- hand-off
@@ -213,41 +228,35 @@ def test_lcm_handoff_leaving_the_refiner_nothing(tiny):
 
 # ---------------------------------------------------------------------------------------- prediction types
 def test_v_prediction_zero_snr_base(tiny, tmp_path, unet_calls):
-    base_dir, _, base, _ = tiny
-    cfg = {**dict(base.scheduler.config), "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+    cfg = {**SCHEDULER_CONFIG, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
            "timestep_spacing": "trailing"}
-    folder = model_copy(base_dir, tmp_path / "vpred", cfg)
-    use(base, "euler", cfg)
+    pipe = SDXLPipeline.from_pretrained(model_copy(tiny[0], tmp_path / "vpred", cfg), dtype=mx.float32)
+    use(tiny[2], "euler", cfg)
     z = noise(6)
-    ref = base(PROMPT, latents=nchw(z), num_inference_steps=8, height=SIZE, width=SIZE, output_type="np").images
-    pipe = SDXLPipeline.from_pretrained(folder, dtype=mx.float32)
-    got = pipe(PROMPT, latents=mx.array(z), num_inference_steps=8, height=SIZE, width=SIZE, output_type="np")
-    assert mean_abs(got, ref) <= TOL and ref.std() > 0.05
-    eps = pipe(PROMPT, latents=mx.array(z), num_inference_steps=8, height=SIZE, width=SIZE, output_type="np",
-               timestep_spacing="leading")
-    assert mean_abs(eps, got) > 20 * TOL
-    assert {b for b, _ in unet_calls} == {2}
+    got = run_ours(pipe, z, num_inference_steps=8)
+    assert_parity(got, run_ref(tiny[2], z, num_inference_steps=8))
+    assert {b for b, _ in unet_calls} == {2}  # guidance 5: the unconditional half runs
+    assert_changes(run_ours(pipe, z, num_inference_steps=8, timestep_spacing="leading"), got)
+    plain = SDXLPipeline.from_pretrained(model_copy(tiny[0], tmp_path / "plain",
+                                                    {**cfg, "rescale_betas_zero_snr": False}), dtype=mx.float32)
+    assert_changes(run_ours(plain, z, num_inference_steps=8), got)  # the rescaling itself
 
 
 def test_sample_prediction_one_step(tiny, tmp_path):
-    base_dir, _, base, _ = tiny
-    cfg = {**dict(base.scheduler.config), "prediction_type": "sample"}
-    folder = model_copy(base_dir, tmp_path / "sample", cfg)
-    use(base, "euler", cfg)
+    cfg = {**SCHEDULER_CONFIG, "prediction_type": "sample", "timestep_spacing": "trailing"}  # from t = 999
+    folder = model_copy(tiny[0], tmp_path / "sample", cfg)
+    use(tiny[2], "euler", cfg)
     z = noise(7)
-    ref = base(PROMPT, latents=nchw(z), num_inference_steps=1, guidance_scale=0.0, height=SIZE, width=SIZE,
-               output_type="np").images
-    pipe = SDXLPipeline.from_pretrained(folder, dtype=mx.float32)
-    got = pipe(PROMPT, latents=mx.array(z), num_inference_steps=1, guidance_scale=0.0, height=SIZE, width=SIZE,
-               output_type="np")
-    assert mean_abs(got, ref) <= TOL
-    # the override of from_pretrained: the same folder read as epsilon gives another image
+    kw = dict(num_inference_steps=1, guidance_scale=0.0)
+    got = run_ours(SDXLPipeline.from_pretrained(folder, dtype=mx.float32), z, **kw)
+    assert_parity(got, run_ref(tiny[2], z, **kw))
+    # from_pretrained's override: the same folder read as epsilon
     eps = SDXLPipeline.from_pretrained(folder, dtype=mx.float32, prediction_type="epsilon")
-    assert mean_abs(eps(PROMPT, latents=mx.array(z), num_inference_steps=1, guidance_scale=0.0, height=SIZE,
-                        width=SIZE, output_type="np"), got) > 20 * TOL
+    assert_changes(run_ours(eps, z, **kw), got)
+    fresh = SDXLPipeline.from_pretrained(folder, dtype=mx.float32)
     with pytest.raises(ConfigError, match="euler_a.*accepted: epsilon, v_prediction"):
-        pipe(PROMPT, num_inference_steps=2, height=SIZE, width=SIZE, scheduler="euler_a")
-    assert pipe.models.loaded() == []
+        fresh(PROMPT, num_inference_steps=2, height=SIZE, width=SIZE, scheduler="euler_a")
+    assert fresh.models.loaded() == []
 
 
 # ---------------------------------------------------------------------------------------- LCM UNet
@@ -257,10 +266,10 @@ def lcm_unet_folder(tiny, tmp_path_factory):
 
     from tiny import _randomize
 
-    base_dir, _, base, _ = tiny
-    unet = _randomize(TorchUNet.from_config({**dict(base.unet.config), "time_cond_proj_dim": 32}).eval(), 21, 0.05)
-    cfg = {**dict(base.scheduler.config), "_class_name": "LCMScheduler"}
-    return model_copy(base_dir, tmp_path_factory.mktemp("lcm_unet") / "lcm", cfg, unet), unet
+    unet = _randomize(TorchUNet.from_config(tiny[2].unet.config, time_cond_proj_dim=32).eval(), 21, 0.05)
+    unet.time_embedding.cond_proj.weight.mul_(30.0)  # the tiny UNet barely feels its time embedding otherwise
+    cfg = {**SCHEDULER_CONFIG, "_class_name": "LCMScheduler"}
+    return model_copy(tiny[0], tmp_path_factory.mktemp("lcm_unet") / "lcm", cfg, unet), unet
 
 
 @pytest.mark.parametrize("name,steps,guidance", [("lcm", 1, 8.0), ("euler", 3, 3.0)])
@@ -268,47 +277,41 @@ def test_lcm_unet_with_guidance_embedding(tiny, lcm_unet_folder, unet_calls, nam
     folder, unet = lcm_unet_folder
     ref_pipe = StableDiffusionXLPipeline(**{**tiny[2].components, "unet": unet})
     ref_pipe.set_progress_bar_config(disable=True)
-    use(ref_pipe, name, dict(tiny[2].scheduler.config))
+    use(ref_pipe, name)
     z = noise(8)
-    kw = dict(num_inference_steps=steps, guidance_scale=guidance, height=SIZE, width=SIZE, output_type="np")
-    ref = ref_pipe(PROMPT, latents=nchw(z), **kw).images
     pipe = SDXLPipeline.from_pretrained(folder, dtype=mx.float32)
-    result = pipe.generate(PROMPT, latents=mx.array(z), scheduler=name, **kw)
-    assert mean_abs(result.images, ref) <= TOL and ref.std() > 0.05
-    assert unet_calls == [(1, True)] * steps  # the scale goes in as an embedding: one batch, never two
-    other = pipe(PROMPT, latents=mx.array(z), scheduler=name, **{**kw, "guidance_scale": 1.0})
-    assert mean_abs(other, result.images) > 5 * TOL  # the embedding carries the scale
+    got = run_ours(pipe, z, scheduler=name, num_inference_steps=steps, guidance_scale=guidance)
+    assert_parity(got, run_ref(ref_pipe, z, num_inference_steps=steps, guidance_scale=guidance))
+    assert set(unet_calls) == {(1, True)}  # the scale goes in as an embedding: one batch, never two
+    assert_changes(run_ours(pipe, z, scheduler=name, num_inference_steps=steps, guidance_scale=1.0), got)
 
 
 def test_lcm_unet_folder_defaults_to_lcm(lcm_unet_folder):
     pipe = SDXLPipeline.from_pretrained(lcm_unet_folder[0], dtype=mx.float32)
     result = pipe.generate(PROMPT, num_inference_steps=2, guidance_scale=1.0, height=SIZE, width=SIZE, seed=1,
                            output_type="latent")
-    assert result.settings[0]["scheduler"] == "lcm" and result.settings[0]["timestep_spacing"] is None
+    assert result.settings[0]["scheduler"] == "lcm" and result.settings[0].get("timestep_spacing") is None
 
 
 # ---------------------------------------------------------------------------------------- the model's own sampler
 def test_model_config_gives_the_default_sampler(tiny, tmp_path, monkeypatch):
     """SDXL-Turbo ships Euler ancestral with trailing spacing: that is what runs unless asked otherwise."""
-    base_dir, _, base, _ = tiny
-    cfg = {**dict(base.scheduler.config), "_class_name": "EulerAncestralDiscreteScheduler",
-           "timestep_spacing": "trailing"}
-    folder = model_copy(base_dir, tmp_path / "turbo", cfg)
-    pipe = SDXLPipeline.from_pretrained(folder, dtype=mx.float32)
+    cfg = {**SCHEDULER_CONFIG, "_class_name": "EulerAncestralDiscreteScheduler", "timestep_spacing": "trailing"}
+    pipe = SDXLPipeline.from_pretrained(model_copy(tiny[0], tmp_path / "turbo", cfg), dtype=mx.float32)
     z = noise(9)
-    kw = dict(num_inference_steps=4, guidance_scale=0.0, height=SIZE, width=SIZE, output_type="np")
-    result = pipe.generate(PROMPT, latents=mx.array(z), seed=11, **kw)
-    assert (result.settings[0]["scheduler"], result.settings[0]["timestep_spacing"]) == ("euler_a", "trailing")
-    use(base, "euler_a", cfg)
-    feed(monkeypatch, scheduling_euler_ancestral_discrete, step_noise(11, 4))
-    ref = base(PROMPT, latents=nchw(z), **kw).images
-    assert mean_abs(result.images, ref) <= TOL
+    kw = dict(num_inference_steps=4, guidance_scale=0.0)
+    got = run_ours(pipe, z, seed=11, **kw)
+    assert (got[2]["scheduler"], got[2]["timestep_spacing"]) == ("euler_a", "trailing")
+    use(tiny[2], "euler_a", cfg)
+    ref = run_ref(tiny[2], z, refeed=lambda: feed(monkeypatch, scheduling_euler_ancestral_discrete,
+                                                  step_noise(11, 4)), **kw)
+    assert_parity(got, ref)
     # scheduler= replaces the class and keeps the schedule settings (trailing)
-    use(base, "euler", cfg)
-    ref_euler = base(PROMPT, latents=nchw(z), **kw).images
-    euler = pipe.generate(PROMPT, latents=mx.array(z), scheduler="euler", **kw)
-    assert euler.settings[0]["timestep_spacing"] == "trailing" and mean_abs(euler.images, ref_euler) <= TOL
-    assert mean_abs(euler.images, result.images) > 5 * TOL
+    use(tiny[2], "euler", cfg)
+    euler = run_ours(pipe, z, scheduler="euler", **kw)
+    assert euler[2]["timestep_spacing"] == "trailing"
+    assert_parity(euler, run_ref(tiny[2], z, **kw))
+    assert_changes(euler, got)
 
 
 def test_stock_config_keeps_euler_leading(ours):
@@ -331,7 +334,7 @@ def test_single_file_v_pred_and_ztsnr_markers(tiny, tmp_path):
     sched = pipe.base.scheduler_config
     assert (sched["prediction_type"], sched["rescale_betas_zero_snr"], sched["timestep_spacing"]) == \
         ("v_prediction", True, "trailing")
-    cfg = {**dict(base.scheduler.config), "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+    cfg = {**dict(SCHEDULER_CONFIG), "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
            "timestep_spacing": "trailing"}
     folder = SDXLPipeline.from_pretrained(model_copy(base_dir, tmp_path / "vp", cfg), dtype=mx.float32)
     kw = dict(num_inference_steps=6, height=SIZE, width=SIZE, output_type="np", latents=mx.array(noise(10)))

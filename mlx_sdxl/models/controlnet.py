@@ -83,10 +83,11 @@ def _refuse_non_sdxl(d: dict) -> None:
         "e.g. diffusers/controlnet-canny-sdxl-1.0")
 
 
-def _positive_ints(name: str, value, at_least: int = 1) -> Tuple[int, ...]:
+def _positive_ints(name: str, value) -> Tuple[int, ...]:
+    """An int or a non-empty list of positive ints → a tuple (ConfigError otherwise)."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
-    if not isinstance(value, (list, tuple)) or len(value) < at_least or any(
+    if not isinstance(value, (list, tuple)) or not value or any(
             isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in value):
         raise ConfigError(f"ControlNet config: {name}={value!r}; accepted: positive ints")
     return tuple(value)

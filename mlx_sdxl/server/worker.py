@@ -13,6 +13,16 @@ from concurrent.futures import Future
 from typing import Callable, Deque, Optional
 
 
+def _release_streams() -> None:
+    """MLX gives each thread that computes its own stream, served by a thread of MLX's own; one
+    left behind when Python exits can abort the process ("terminate called without an active
+    exception"), even after the Python thread was joined. The worker releases its streams last."""
+    import mlx.core as mx
+
+    mx.synchronize()
+    mx.clear_streams()
+
+
 class QueueFull(RuntimeError):
     """More jobs are waiting than --max-queue allows."""
 
@@ -58,6 +68,12 @@ class Worker:
             return self._jobs.popleft() if self._jobs else None
 
     def _loop(self) -> None:
+        try:
+            self._run_jobs()
+        finally:
+            _release_streams()
+
+    def _run_jobs(self) -> None:
         while True:
             job = self._next()
             if job is None:
