@@ -28,7 +28,7 @@ from typing import List, Optional
 from .errors import InputError, SDXLError
 from .metadata import default_filename, read_metadata, save_png
 from .progress import Progress
-from .schedulers import SCHEDULERS
+from .schedulers import PREDICTION_TYPES, SCHEDULERS, TIMESTEP_SPACINGS, make_scheduler
 from .identity import MODEL_KEYS, MODELS_DIR_ENV, image_field, locate, models_dir, source_fields
 from .tempfiles import remove_stale
 from .spec import (BITS, DEFAULT_BASE_ID, DEFAULT_MAX_MEGAPIXELS, DEFAULT_METADATA, MAX_IMAGES, METADATA_MODES, DEFAULT_GUIDANCE, DEFAULT_HIGH_NOISE_FRAC, DEFAULT_REFINER_ID,
@@ -52,7 +52,10 @@ DEFAULTS = {
     "high_noise_frac": DEFAULT_HIGH_NOISE_FRAC,
     "guidance_scale": DEFAULT_GUIDANCE,
     "guidance_rescale": 0.0,
-    "scheduler": DEFAULT_SCHEDULER,
+    "scheduler": None,  # the model's own (its scheduler_config.json), else DEFAULT_SCHEDULER
+    "timestep_spacing": None,  # the model config's
+    "eta": None,  # tcd only
+    "prediction_type": None,  # the model's (config, or a single file's v_pred key)
     "width": None,   # DEFAULT_SIDE from text; an input image keeps its own size unless both are given
     "height": None,
     "refiner_bits": None,
@@ -144,7 +147,17 @@ def _add_generate(sub) -> None:
                    help=f"share of the schedule the base runs before the refiner (default {DEFAULT_HIGH_NOISE_FRAC})")
     s.add_argument("--guidance", dest="guidance_scale", type=float, metavar="CFG",
                    help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})")
-    s.add_argument("--scheduler", choices=SCHEDULERS, help=f"sampler (default {DEFAULT_SCHEDULER})")
+    s.add_argument("--scheduler", choices=SCHEDULERS,
+                   help=f"sampler (default: the one the model's scheduler_config.json names, else "
+                        f"{DEFAULT_SCHEDULER})")
+    s.add_argument("--timestep-spacing", dest="timestep_spacing", choices=TIMESTEP_SPACINGS,
+                   help="where the steps sit on the 1000 training timesteps (default: the model config's); "
+                        "'trailing' is A1111's 'SGM Uniform', what Lightning, Turbo and zero-SNR models want")
+    s.add_argument("--eta", type=float, metavar="E",
+                   help="tcd's eta (gamma), 0 (deterministic) to 1 (default 0.3)")
+    s.add_argument("--prediction-type", dest="prediction_type", choices=PREDICTION_TYPES,
+                   help="what the model predicts (default: its config's; single files: v_prediction when the "
+                        "file has a 'v_pred' key, else epsilon)")
 
     z = g.add_argument_group("size and count")
     z.add_argument("--width", type=int, help=f"image width, a multiple of {SIZE_MULTIPLE} (default {DEFAULT_SIDE})")
@@ -236,6 +249,24 @@ def _check_fraction(value, flag, allow_zero=False):
         raise CLIError(f"{flag} must be in {'[0' if allow_zero else '(0'}, 1], got {value!r}")
 
 
+def _validate_sampler(settings: dict) -> None:
+    """--scheduler, --timestep-spacing, --eta, --prediction-type (also as a --from image recorded them)."""
+    name = settings["scheduler"]
+    if name is not None and name not in SCHEDULERS:
+        raise CLIError(f"unknown scheduler {name!r}; accepted: {', '.join(SCHEDULERS)}")
+    if settings["prediction_type"] is not None and settings["prediction_type"] not in PREDICTION_TYPES:
+        raise CLIError(f"unknown prediction type {settings['prediction_type']!r}; accepted: "
+                       f"{', '.join(PREDICTION_TYPES)}")
+    spacing, eta = settings["timestep_spacing"], settings["eta"]
+    if spacing is not None and spacing not in TIMESTEP_SPACINGS:
+        raise CLIError(f"unknown timestep spacing {spacing!r}; accepted: {', '.join(TIMESTEP_SPACINGS)}")
+    if name is not None:  # without a name the model's own sampler decides, once the model is opened
+        try:
+            make_scheduler(name, None, timestep_spacing=spacing, eta=eta)
+        except SDXLError as e:
+            raise CLIError(str(e).replace("timestep_spacing", "--timestep-spacing")) from None
+
+
 def validate(settings: dict, explicit: set, args) -> None:
     """Everything that can be checked without loading a model."""
     if settings["prompt"] is None:
@@ -246,8 +277,7 @@ def validate(settings: dict, explicit: set, args) -> None:
     if not _is_number(g) or g < 0:
         raise CLIError(f"--guidance must be a finite number >= 0, got {g!r}")
     _check_fraction(settings["guidance_rescale"], "guidance_rescale", allow_zero=True)
-    if settings["scheduler"] not in SCHEDULERS:
-        raise CLIError(f"unknown scheduler {settings['scheduler']!r}; accepted: {', '.join(SCHEDULERS)}")
+    _validate_sampler(settings)
     if settings["prompt_syntax"] not in PROMPT_SYNTAXES:
         raise CLIError(f"unknown prompt syntax {settings['prompt_syntax']!r}; accepted: {', '.join(PROMPT_SYNTAXES)}")
     if settings["dtype"] is not None and settings["dtype"] not in DTYPES:
@@ -401,7 +431,7 @@ def cmd_generate(args) -> int:
     pipe = SDXLPipeline.from_pretrained(
         settings["model"], settings["refiner"], dtype=getattr(mx, settings["dtype"]),
         refiner_bits=settings["refiner_bits"], low_memory=bool(settings["low_memory"]), vae=settings["vae"],
-        compile=args.compile)
+        compile=args.compile, prediction_type=settings["prediction_type"])
     progress.timings = pipe.models.load_seconds.copy
     _load_embeddings(pipe, args, settings, progress)
     recorded_hash = "model" not in explicit and settings.pop("model_hash", None)
@@ -409,7 +439,8 @@ def cmd_generate(args) -> int:
         progress.log(f"note: {pipe.base.name} has hash {pipe.base.short_hash}, the image recorded {recorded_hash}")
     what = (f"refine {source_image.width}x{source_image.height} image, strength {settings['strength']}" if refine
             else f"{settings['width']}x{settings['height']}")
-    progress.log(f"{PROG} {__version__}: {what}, {settings['num_inference_steps']} steps {settings['scheduler']}, "
+    progress.log(f"{PROG} {__version__}: {what}, {settings['num_inference_steps']} steps "
+                 f"{settings['scheduler'] or 'with the sampler of the model config'}, "
                  f"{settings['dtype']}, base {settings['model']}"
                  + (f", refiner {settings['refiner']}" if settings["refiner"] else ""))
 
@@ -455,6 +486,7 @@ def generate_kwargs(settings: dict, inputs, seed: int, args) -> dict:
     `mlx-sdxl batch` makes its images with these too."""
     common = dict(num_inference_steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
                   guidance_rescale=settings["guidance_rescale"], scheduler=settings["scheduler"],
+                  timestep_spacing=settings["timestep_spacing"], eta=settings["eta"],
                   seed=seed, max_megapixels=args.max_megapixels, metadata=args.metadata,
                   prompt_syntax=settings["prompt_syntax"])
     source_image, mask_image = inputs
@@ -474,6 +506,8 @@ def finish_image(result, pipe, settings: dict, seed: int, args) -> tuple:
     if result.settings[0].get("embeddings"):  # {token: short hash} of those the prompts used
         settings = dict(settings, embeddings=result.settings[0]["embeddings"])
     settings = dict(settings, mode=result.settings[0]["mode"])
+    ran = result.settings[0]  # the sampler that ran: the model's own when none was named
+    settings.update({k: ran.get(k) for k in ("scheduler", "timestep_spacing", "eta")})
     return image, record(settings, pipe, args.metadata, seed, image)
 
 

@@ -42,8 +42,15 @@ A1111_SAMPLERS = {
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_karras": "DPM++ 2M Karras",
     "ddim": "DDIM",
+    "euler_karras": "Euler Karras",  # A1111 >= 1.9 splits it: Sampler: Euler, Schedule type: Karras
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
+    "unipc": "UniPC",
+    "lcm": "LCM",
+    "tcd": "TCD",  # Forge's and ComfyUI's name; A1111 itself has no TCD sampler
 }
 _FROM_A1111 = {v.lower(): k for k, v in A1111_SAMPLERS.items()}
+SGM_UNIFORM = "SGM Uniform"  # A1111's "Schedule type" for trailing timestep spacing
 # What started from an existing picture: img2img (base, then refiner), refine (refiner alone), inpaint.
 IMAGE_MODES = ("img2img", "refine", "inpaint")
 
@@ -102,6 +109,8 @@ def format_parameters(settings: dict) -> str:
     fields = [("Steps", s.get("num_inference_steps"))]
     sched = s.get("scheduler")
     fields.append(("Sampler", A1111_SAMPLERS.get(sched, sched)))
+    if s.get("timestep_spacing") == "trailing" and not str(A1111_SAMPLERS.get(sched, "")).endswith(" Karras"):
+        fields.append(("Schedule type", SGM_UNIFORM))
     fields += [("CFG scale", s.get("guidance_scale")), ("Seed", s.get("seed"))]
     if s.get("width") and s.get("height"):
         fields.append(("Size", f"{s['width']}x{s['height']}"))
@@ -171,8 +180,11 @@ def parse_parameters(text: str) -> dict:
                 out["width"], out["height"] = int(w), int(h)
             elif key == "Sampler":
                 sampler = value.lower()
-                if fields.get("Schedule type", "").lower() == "karras":
+                schedule = fields.get("Schedule type", "").lower()
+                if schedule == "karras":
                     sampler += " karras"
+                elif schedule == SGM_UNIFORM.lower():
+                    out["timestep_spacing"] = "trailing"
                 out["scheduler"] = _FROM_A1111.get(sampler, value)
             elif key == "TI hashes":  # "token: hash, token: hash"
                 pairs = [part.split(":") for part in value.split(",")]

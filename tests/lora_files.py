@@ -153,10 +153,10 @@ def lycoris_file(path, pipe, algo: str, *, seed=0, dim=4, alpha=2.0, std=0.3, te
         finally:
             LycorisNetwork.apply_preset({"lora_prefix": "lycoris", "target_name": [], "target_module": [
                 "Linear", "Conv1d", "Conv2d", "Conv3d", "GroupNorm", "LayerNorm"]})
-        for k, v in net.state_dict().items():
-            if v.is_floating_point() and not k.endswith(".alpha"):
-                v = torch.randn(v.shape) * std
-            sd[k] = v
+        for module in net.loras:
+            for k, v in module.state_dict().items():
+                if k == "alpha" or k.startswith(("hada_", "lokr_")):
+                    sd[f"{module.lora_name}.{k}"] = v if k == "alpha" else torch.randn(v.shape) * std
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return Path(path)
 

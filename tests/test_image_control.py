@@ -267,3 +267,78 @@ def test_single_file_inpainting_checkpoint_is_detected(tmp_path):
     write_sgm_checkpoint(path, sds["unet"], sds["vae"], sds["text_encoder"], sds["text_encoder_2"], {})
     ckpt = load_single_file(path, head_dim=HEAD_DIM)
     assert ckpt.role == "base" and ckpt.components["unet"][0]["in_channels"] == 9
+
+
+# ---------------------------------------------------------------- ControlNet
+@pytest.fixture(scope="module")
+def controlnets(tiny_sdxl, tmp_path_factory):
+    """Two tiny SDXL ControlNets made from the tiny base UNet, saved in diffusers layout."""
+    from diffusers import ControlNetModel
+
+    from test_controlnet import randomize
+
+    root = tmp_path_factory.mktemp("controlnets")
+    nets = []
+    for i in range(2):
+        net = ControlNetModel.from_unet(tiny_sdxl[2].unet, conditioning_embedding_out_channels=(8, 16, 16, 32),
+                                        load_weights_from_unet=False)
+        randomize(net, 30 + i)
+        net.save_pretrained(str(root / f"cn{i}"))
+        nets.append(net)
+    return nets, [root / f"cn{i}" for i in range(2)]
+
+
+def _edges(seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((64, 64)) > 0.8).astype(np.uint8) * 255).convert("RGB")
+
+
+@pytest.mark.parametrize("case", ["one", "two", "window", "guess"])
+def test_controlnet_matches_diffusers(ours, tiny_sdxl, controlnets, case):
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    from mlx_sdxl import Control
+
+    nets, dirs = controlnets
+    for i, d in enumerate(dirs):
+        ours.load_controlnet(d, name=f"cn{i}")
+    images, noise = [_edges(20), _edges(21)], _noise(22)
+    spec = {"one": [(0, 1.0, 0.0, 1.0)], "two": [(0, 0.7, 0.0, 1.0), (1, 0.4, 0.0, 1.0)],
+            "window": [(0, 1.0, 0.2, 0.7)], "guess": [(0, 1.0, 0.0, 1.0)]}[case]
+    guess = case == "guess"
+    used = [nets[i] for i, *_ in spec]
+    ref_pipe = StableDiffusionXLControlNetPipeline(**{k: v for k, v in tiny_sdxl[2].components.items()
+                                                      if k not in ("image_encoder", "feature_extractor")},
+                                                   controlnet=used if len(used) > 1 else used[0])
+    ref_pipe.set_progress_bar_config(disable=True)
+    one = len(spec) == 1
+    ref = ref_pipe(PROMPT, image=[images[i] for i, *_ in spec] if not one else images[spec[0][0]],
+                   controlnet_conditioning_scale=[s for _, s, _, _ in spec] if not one else spec[0][1],
+                   control_guidance_start=[a for *_, a, _ in spec] if not one else spec[0][2],
+                   control_guidance_end=[b for *_, b in spec] if not one else spec[0][3], guess_mode=guess,
+                   latents=torch.from_numpy(noise).permute(0, 3, 1, 2), num_inference_steps=10, height=64, width=64,
+                   output_type="np").images
+    control = [Control(f"cn{i}", images[i], s, a, b) for i, s, a, b in spec]
+    got = ours.generate(PROMPT, latents=noise, control=control, guess_mode=guess, num_inference_steps=10, width=64,
+                        height=64, high_noise_frac=1.0, output_type="np")
+    assert np.abs(got.images - ref).mean() <= TOL
+    assert got.settings[0]["controls"][0]["model"] == f"cn{spec[0][0]}"
+    latent = dict(latents=noise, num_inference_steps=10, width=64, height=64, high_noise_frac=1.0,
+                  output_type="latent")
+    plain = ours.generate(PROMPT, **latent).images
+    assert rel_l2(ours.generate(PROMPT, control=control, guess_mode=guess, **latent).images, plain) > 10 * LATENT_TOL
+
+
+def test_controlnet_inputs_are_checked_first(ours, controlnets, tiny_sdxl):
+    from mlx_sdxl import Control
+
+    ours.load_controlnet(controlnets[1][0], name="cn0")
+    with pytest.raises(InputError, match="no ControlNet loaded as 'nope'"):
+        ours.generate(PROMPT, control=[Control("nope", _edges(1))], num_inference_steps=2, width=64, height=64)
+    with pytest.raises(InputError, match="start"):
+        Control("cn0", _edges(1), start=0.8, end=0.2)
+    with pytest.raises(WeightsError, match="does not fit"):  # an SDXL ControlNet drives the base, not the refiner
+        from mlx_sdxl.pipeline.controlnets import ControlNets
+
+        ControlNets(mx.float32).load(controlnets[1][0], "r", tiny_sdxl[1] and
+                                     __import__("json").loads((tiny_sdxl[1] / "unet" / "config.json").read_text()))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -71,6 +71,8 @@ class Request:
     mask_blur: float = 0.0                    # pixels of Gaussian blur on the mask's edge
     padding_mask_crop: Optional[int] = None   # repaint only a box this much around the mask
     resize: str = DEFAULT_RESIZE              # how an input picture meets width x height
+    control: Sequence = ()                    # mlx_sdxl.Control for each ControlNet that drives the base
+    guess_mode: bool = False
     output_type: str = "pil"
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     metadata: str = DEFAULT_METADATA          # what the images record: "minimal", "full" or "none"

@@ -21,10 +21,12 @@ from ..spec import (BASE, DEFAULT_AESTHETIC_SCORE, DEFAULT_GROUP_SIZE, DEFAULT_G
                     DEFAULT_MAX_MEGAPIXELS, DEFAULT_METADATA, DEFAULT_PROMPT_SYNTAX, DEFAULT_RESIZE,
                     DEFAULT_NEGATIVE_AESTHETIC_SCORE, DEFAULT_STEPS,
                     DEFAULT_STRENGTH, DECODE, REFINER, TEXT_ENCODERS, Seed)
+from ..quantize import check_settings
 from ..weights import parse_dtype
 from . import images as pixels
 from .cache import ModelCache, Quantization
 from .compat import check_compatible
+from .controlnets import ControlNets, with_controls
 from .image_run import image_latents, paste_results
 from .health import nonfinite_error
 from .plan import Plan, Request, make_plan
@@ -47,7 +49,8 @@ class SDXLPipeline:
     def __init__(self, base: ModelSource, refiner: Optional[ModelSource] = None, *, dtype=mx.float16,
                  refiner_bits: Optional[int] = None, low_memory: bool = False, vae: Optional[ModelSource] = None,
                  base_bits: Optional[int] = None, text_encoder_bits: Optional[int] = None,
-                 group_size: int = DEFAULT_GROUP_SIZE, compile: bool = False):
+                 group_size: int = DEFAULT_GROUP_SIZE, compile: bool = False,
+                 controlnet_bits: Optional[int] = None):
         if not isinstance(compile, bool):
             raise InputError(f"compile must be True or False, got {compile!r}")
         self.base, self.refiner = base, refiner
@@ -58,6 +61,9 @@ class SDXLPipeline:
         self.quantization = Quantization(base_bits, refiner_bits, text_encoder_bits, group_size)
         check_compatible(self.base, self.refiner, self.vae_source)
         self.models = ModelCache(self.dtype, self.quantization, compile)
+        if controlnet_bits:
+            check_settings(controlnet_bits, group_size)
+        self.controlnets = ControlNets(self.dtype, controlnet_bits, group_size)
         self.embeddings = EmbeddingSet()
         self._lock = threading.RLock()
         if low_memory:
@@ -73,7 +79,8 @@ class SDXLPipeline:
                         low_memory: bool = False, vae=None, config=None, refiner_config=None, tokenizer=None,
                         tokenizer_2=None, base_bits: Optional[int] = None, text_encoder_bits: Optional[int] = None,
                         group_size: int = DEFAULT_GROUP_SIZE, compile: bool = False,
-                        prediction_type: Optional[str] = None) -> "SDXLPipeline":
+                        prediction_type: Optional[str] = None,
+                        controlnet_bits: Optional[int] = None) -> "SDXLPipeline":
         """Load lazily from any source: a diffusers folder, a hub id, a single-file
         .safetensors checkpoint, or a folder written by `mlx-sdxl convert` (whose
         refiner/ is used unless refiner=False).
@@ -106,7 +113,7 @@ class SDXLPipeline:
                 for s in (base_src, refiner_src))
         return cls(base_src, refiner_src, dtype=dtype, refiner_bits=refiner_bits, low_memory=low_memory,
                    vae=vae_src, base_bits=base_bits, text_encoder_bits=text_encoder_bits, group_size=group_size,
-                   compile=compile)
+                   compile=compile, controlnet_bits=controlnet_bits)
 
     # ------------------------------------------------------------------ parts
     @property
@@ -146,6 +153,17 @@ class SDXLPipeline:
                                                                       negative_prompt_2, prompt_syntax),
                                  dtype=self.dtype, num_images_per_prompt=num_images_per_prompt,
                                  clip_skip=clip_skip, do_cfg=do_cfg, embeddings=self.embeddings)
+
+    def load_controlnet(self, source, name: Optional[str] = None) -> str:
+        """Load an SDXL ControlNet (a diffusers folder, a .safetensors file in diffusers naming, or
+        a hub id) under `name` (default: its folder or file name) and return the name; use it
+        with `control=[mlx_sdxl.Control(name, image, scale, start, end)]`. Quantized as it loads
+        with `controlnet_bits`."""
+        return self.controlnets.load(source, name, self.base.configs["unet"])
+
+    def unload_controlnet(self, name: Optional[str] = None) -> None:
+        """Drop one ControlNet, or all of them (None)."""
+        self.controlnets.unload(name)
 
     def load_embedding(self, path, token: Optional[str] = None) -> Embedding:
         """Load an SDXL textual-inversion embedding (.safetensors with `clip_l` and `clip_g`)
@@ -207,6 +225,7 @@ class SDXLPipeline:
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None,
                  clip_skip: Optional[int] = None, sample_posterior: bool = True, mask_image=None,
                  mask_blur: float = 0.0, padding_mask_crop: Optional[int] = None, resize: str = DEFAULT_RESIZE,
+                 control=(), guess_mode: bool = False,
                  output_type: str = "pil", max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
                  metadata: str = DEFAULT_METADATA, prompt_syntax: str = DEFAULT_PROMPT_SYNTAX,
                  callback: Optional[Callback] = None) -> GenerationResult:
@@ -222,6 +241,8 @@ class SDXLPipeline:
         With `mask_image` too (white = repaint): inpainting, with a 9-channel inpainting UNet
         or by blending the known region back after every step; `mask_blur` softens the edge
         and `padding_mask_crop` repaints only a box that much around the mask.
+        `control`: a list of `mlx_sdxl.Control(name, image, scale, start, end)` for ControlNets
+        loaded with `load_controlnet`; they drive the base stage (`guess_mode` as diffusers).
         `seed`: one int S (images get S, S+1, ...), one per image, or None for a random one.
         Sizes over `max_megapixels` (default 4.2, i.e. 2048×2048) are refused before any work.
         `metadata`: what each image records: "minimal" (model identifiers, no paths), "full"
@@ -236,6 +257,8 @@ class SDXLPipeline:
         """
         request = Request(**{k: v for k, v in locals().items() if k not in ("self", "callback")})
         plan = make_plan(request, self.base, self.refiner, self.vae_scale_factor)  # all checks, no heavy work
+        if request.control:
+            plan = with_controls(plan, self.controlnets.nets)
         return self._run(plan, callback)
 
     def __call__(self, prompt: Prompt, negative_prompt: Optional[Prompt] = None, *,
@@ -253,7 +276,8 @@ class SDXLPipeline:
                  max_megapixels: float = DEFAULT_MAX_MEGAPIXELS, prompt_syntax: str = DEFAULT_PROMPT_SYNTAX,
                  image=None, strength: float = DEFAULT_STRENGTH, mask_image=None, mask_blur: float = 0.0,
                  padding_mask_crop: Optional[int] = None, resize: str = DEFAULT_RESIZE, noise=None,
-                 sample_posterior: bool = True, callback: Optional[Callback] = None):
+                 sample_posterior: bool = True, control=(), guess_mode: bool = False,
+                 callback: Optional[Callback] = None):
         """Text to image at `width`×`height` (default 1024²), or image to image / inpainting
         with `image` (and `mask_image`), as `generate` describes. Returns a list of PIL
         images ("pil"), an NHWC float32 array in [0, 1] ("np"), or the final latents

@@ -68,7 +68,8 @@ class Stage:
     image) feed stochastic samplers. `after_step` hooks transform the latents after each
     scheduler step, inside the step's single evaluation (an inpainting blend).
     `extra_channels` are appended to the UNet's input (a 9-channel inpainting UNet's mask and
-    masked-image latents), already doubled for guidance.
+    masked-image latents), already doubled for guidance. `unet_extras(xin, t, i, embeds,
+    pooled, time_ids)` gives extra UNet keywords for step i (ControlNet residuals), or {}.
     """
 
     name: str
@@ -81,6 +82,7 @@ class Stage:
     conditioning: Optional[Conditioning] = None
     after_step: Tuple[StepHook, ...] = ()
     extra_channels: Optional[mx.array] = None
+    unet_extras: Optional[Callable[..., dict]] = None
 
     def run(self, unet, x: mx.array, callback: Optional[Callback] = None,
             forward: Optional[Callable] = None) -> Tuple[mx.array, StageTiming]:
@@ -100,9 +102,11 @@ class Stage:
             xin = sched.scale_model_input(x, i)
             if guided:
                 xin = mx.concatenate([xin, xin], axis=0)
+            step_extra = self.unet_extras(xin, t, i, embeds, pooled, time_ids) if self.unet_extras else {}
             if self.extra_channels is not None:
                 xin = mx.concatenate([xin, self.extra_channels], axis=-1)
-            eps = forward(xin, t, embeds, text_embeds=pooled, time_ids=time_ids, cross_kv=cross_kv, **extra)
+            eps = forward(xin, t, embeds, text_embeds=pooled, time_ids=time_ids, cross_kv=cross_kv, **extra,
+                          **step_extra)
             if guided:
                 eps = self.guidance(eps)
             noise = per_image_normal(x.shape, [k[n] for k in step_keys]) if step_keys else None
