@@ -25,6 +25,7 @@ import unicodedata
 from pathlib import Path
 from typing import List, Optional
 
+from . import cli_control
 from .errors import InputError, SDXLError
 from .metadata import default_filename, read_metadata, save_png
 from .progress import Progress
@@ -64,6 +65,8 @@ DEFAULTS = {
     "image": None,
     "strength": DEFAULT_STRENGTH,
     "mask": None,
+    "controls": None,   # recorded ControlNets (see cli_control.py); set with --controlnet / --control-image
+    "guess_mode": False,
     "mask_blur": 0.0,
     "padding_mask_crop": None,
     "resize": DEFAULT_RESIZE,
@@ -200,6 +203,7 @@ def _add_generate(sub) -> None:
     r.add_argument("--mask", metavar="PATH", help="inpainting: repaint where this mask is white")
     r.add_argument("--mask-blur", dest="mask_blur", type=float, metavar="PX",
                    help="blur the mask's edge by this many pixels and blend the result over the image (default 0)")
+    cli_control.add_arguments(g.add_argument_group("ControlNet"))
     r.add_argument("--inpaint-only-masked", dest="padding_mask_crop", type=int, nargs="?", const=32, metavar="PAD",
                    help="repaint only a box around the mask, PAD pixels larger (default 32), at the full size")
 
@@ -414,6 +418,7 @@ def cmd_generate(args) -> int:
     for folder in {p.parent for p in paths if p.parent.is_dir()}:
         remove_stale(folder)  # temporaries our killed runs left there
     source_image, mask_image = (_input_image(settings, explicit, key, args.max_megapixels) for key in ("image", "mask"))
+    settings["controls"] = cli_control.controls_from_args(args, settings["controls"])
     folder = models_dir(args.models_dir)
     for key in MODEL_KEYS:
         if settings[key] is not None:
@@ -434,6 +439,8 @@ def cmd_generate(args) -> int:
         compile=args.compile, prediction_type=settings["prediction_type"])
     progress.timings = pipe.models.load_seconds.copy
     _load_embeddings(pipe, args, settings, progress)
+    controls = cli_control.load_controls(pipe, settings["controls"], folder, bool(args.from_image) and not
+                                         args.controlnets, open_image, args.max_megapixels)
     recorded_hash = "model" not in explicit and settings.pop("model_hash", None)
     if recorded_hash and recorded_hash != pipe.base.short_hash:
         progress.log(f"note: {pipe.base.name} has hash {pipe.base.short_hash}, the image recorded {recorded_hash}")
@@ -449,7 +456,7 @@ def cmd_generate(args) -> int:
             progress.begin()
             if len(seeds) > 1:
                 progress.log(f"image {n}/{len(seeds)}, seed {seed}")
-            _generate_one(pipe, settings, (source_image, mask_image), seed, path, progress, args)
+            _generate_one(pipe, settings, (source_image, mask_image, controls), seed, path, progress, args)
     finally:
         progress.end()  # a bar cut short by Ctrl-C or an error still gets its newline
     return 0
@@ -489,7 +496,9 @@ def generate_kwargs(settings: dict, inputs, seed: int, args) -> dict:
                   timestep_spacing=settings["timestep_spacing"], eta=settings["eta"],
                   seed=seed, max_megapixels=args.max_megapixels, metadata=args.metadata,
                   prompt_syntax=settings["prompt_syntax"])
-    source_image, mask_image = inputs
+    source_image, mask_image, controls = inputs
+    if controls:
+        common.update(control=controls, guess_mode=bool(settings["guess_mode"]))
     if source_image is not None:
         common.update(image=source_image, strength=settings["strength"], mask_image=mask_image,
                       mask_blur=settings["mask_blur"], padding_mask_crop=settings["padding_mask_crop"],
@@ -527,7 +536,8 @@ def record(settings: dict, pipe, mode: str, seed: int, image) -> dict:
     if mode == "none":
         return {}
     out = dict(settings, seed=seed, width=image.width, height=image.height,
-               image=image_field(settings["image"], mode), mask=image_field(settings["mask"], mode))
+               image=image_field(settings["image"], mode), mask=image_field(settings["mask"], mode),
+               controls=cli_control.record_controls(settings["controls"], pipe, mode) or None)
     used = {"model": pipe.base, "refiner": pipe.refiner if settings["refiner"] else None,
             "vae": pipe.vae_source if settings["vae"] else None}
     for key, source in used.items():

@@ -64,3 +64,11 @@ def locate(value: str, key: str, folder: Optional[Path], recorded: bool) -> str:
         raise InputError(f"the image was made with {key} {value!r}, which is not a file or folder {where} nor a "
                          f"hub id; pass --{key} PATH, or --models-dir DIR (or ${MODELS_DIR_ENV}) holding it")
     raise InputError(f"--{key} {value}: no such file or folder {where}, and not a hub id (owner/name)")
+
+
+def source_name(spec: str, mode: str) -> str:
+    """A file, folder or hub id as recorded: the hub id or the name (minimal), or the absolute path (full)."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        return spec  # a hub id
+    return str(path.resolve()) if mode == "full" else path.name

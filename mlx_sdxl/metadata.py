@@ -125,6 +125,10 @@ def format_parameters(settings: dict) -> str:
         fields += [("Mask blur", s.get("mask_blur") or 0), ("Resize mode", s.get("resize"))]
         if s.get("padding_mask_crop") is not None:
             fields += [("Inpaint area", "Only masked"), ("Masked area padding", s["padding_mask_crop"])]
+    for i, c in enumerate(s.get("controls") or []):  # A1111's ControlNet extension fields
+        fields.append((f"ControlNet {i}", f"Module: {c.get('preprocess') or 'none'}, Model: {model_name(c.get('model'))}, "
+                                          f"Weight: {c.get('weight')}, Guidance Start: {c.get('start')}, "
+                                          f"Guidance End: {c.get('end')}"))
     if s.get("guidance_rescale"):
         fields.append(("Guidance rescale", s["guidance_rescale"]))
     if s.get("embeddings"):  # A1111's "TI hashes": "token: short hash, ..." of the embeddings used

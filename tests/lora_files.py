@@ -183,7 +183,7 @@ def lycoris_deltas(path, pipe) -> Dict[str, torch.Tensor]:
         for lora in net.loras:
             module = names[lora.lora_name]
             shape = dict(model.named_modules())[module].weight.shape
-            out[(prefix, module)] = lora.get_diff_weight(1.0, shape).detach().float()
+            out[(prefix, module)] = lora.get_diff_weight(1.0, shape)[0].detach().float()
     return out
 
 

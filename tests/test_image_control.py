@@ -337,8 +337,41 @@ def test_controlnet_inputs_are_checked_first(ours, controlnets, tiny_sdxl):
         ours.generate(PROMPT, control=[Control("nope", _edges(1))], num_inference_steps=2, width=64, height=64)
     with pytest.raises(InputError, match="start"):
         Control("cn0", _edges(1), start=0.8, end=0.2)
-    with pytest.raises(WeightsError, match="does not fit"):  # an SDXL ControlNet drives the base, not the refiner
-        from mlx_sdxl.pipeline.controlnets import ControlNets
+    import json
 
-        ControlNets(mx.float32).load(controlnets[1][0], "r", tiny_sdxl[1] and
-                                     __import__("json").loads((tiny_sdxl[1] / "unet" / "config.json").read_text()))
+    from mlx_sdxl.pipeline.controlnets import ControlNets
+
+    refiner_unet = json.loads((tiny_sdxl[1] / "unet" / "config.json").read_text())
+    with pytest.raises(WeightsError, match="does not fit"):  # an SDXL ControlNet drives the base, not the refiner
+        ControlNets(mx.float32).load(controlnets[1][0], "r", refiner_unet)
+
+
+def test_cli_controlnet_matches_the_api_and_replays(tiny_sdxl, controlnets, tmp_path):
+    from test_cli import run
+
+    from mlx_sdxl import Control
+    from mlx_sdxl.metadata import read_metadata
+
+    edges = _edges(23)
+    edges.save(tmp_path / "edges.png")
+    out = tmp_path / "cn.png"
+    argv = ["generate", PROMPT, "--model", tiny_sdxl[0], "--refiner", "none", "--dtype", "float32", "--steps", "6",
+            "--seed", "5", "--width", "64", "--height", "64", "-q", "--metadata", "full",
+            "--controlnet", f"{controlnets[1][0]}:0.7:0.1:0.9", "--control-image", tmp_path / "edges.png"]
+    rc, _, err = run(*argv, "-o", out)
+    assert rc == 0, err
+    with Image.open(out) as im:
+        assert "ControlNet 0: " in im.text["parameters"] and "Weight: 0.7" in im.text["parameters"]
+        made = np.asarray(im).copy()
+    base_only = SDXLPipeline.from_pretrained(tiny_sdxl[0], dtype=mx.float32)
+    base_only.load_controlnet(controlnets[1][0], name="cn0")
+    [api] = base_only(PROMPT, num_inference_steps=6, seed=5, width=64, height=64,
+                      control=[Control("cn0", edges, 0.7, 0.1, 0.9)])
+    np.testing.assert_array_equal(made, np.asarray(api))
+    assert read_metadata(out)["controls"][0]["weight"] == 0.7
+    rc, _, err = run("generate", "--from", out, "-q", "-o", tmp_path / "again.png")
+    assert rc == 0, err
+    with Image.open(tmp_path / "again.png") as im:
+        np.testing.assert_array_equal(np.asarray(im), made)
+    rc, _, err = run(*argv[:-2], "-o", tmp_path / "x.png")
+    assert rc == 2 and "one control image per ControlNet" in err

@@ -110,7 +110,9 @@ class RoleLayers:
         for part in ADAPTED_PARTS:
             if part in self.configs:
                 self.targets[part] = part_targets(part, self.configs[part])
-                self.underscored[part] = {self._file_path(part, p).replace(".", "_"): p for p in self.targets[part]}
+                names = {p.replace(".", "_"): p for p in self.targets[part]}  # also transformers >= 5.6's names
+                names.update({self._file_path(part, p).replace(".", "_"): p for p in self.targets[part]})
+                self.underscored[part] = names
 
     @staticmethod
     def _file_path(part: str, path: str) -> str:
