@@ -162,7 +162,7 @@ def lycoris_file(path, pipe, algo: str, *, seed=0, dim=4, alpha=2.0, std=0.3, te
 
 
 def lycoris_deltas(path, pipe) -> Dict[str, torch.Tensor]:
-    """{(prefix, module name): ΔW} as lycoris-lora computes it for the file (multiplier 1)."""
+    """{(prefix, module name): ΔW} as lycoris-lora's modules compute it for the file (multiplier 1)."""
     from lycoris import create_lycoris_from_weights
     from lycoris.wrapper import LycorisNetwork
     from safetensors.torch import load_file
@@ -183,7 +183,9 @@ def lycoris_deltas(path, pipe) -> Dict[str, torch.Tensor]:
         for lora in net.loras:
             module = names[lora.lora_name]
             shape = dict(model.named_modules())[module].weight.shape
-            out[(prefix, module)] = lora.get_diff_weight(1.0, shape)[0].detach().float()
+            # get_weight is ΔW (alpha/r included) as the module's forward adds it; lycoris 4.1.3's
+            # get_diff_weight multiplies by alpha/r a second time, which its forward never does
+            out[(prefix, module)] = lora.get_weight(shape).detach().float()
     return out
 
 

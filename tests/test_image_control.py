@@ -202,9 +202,10 @@ def test_bad_masks_and_sizes(ours):
         ours.generate(PROMPT, image=picture, strength=0, num_inference_steps=4)
     with pytest.raises(InputError, match="resize must be one of"):
         ours.generate(PROMPT, image=picture, width=64, height=64, resize="zoom", num_inference_steps=4)
-    big_mask = _mask(128, 128)  # another size: resized to the image
-    result = ours.generate(PROMPT, image=picture, mask_image=big_mask, num_inference_steps=4, strength=0.5,
-                           output_type="np")
+    big_mask = _mask(128, 128)  # another size: resized to the image, with a note
+    with pytest.warns(UserWarning, match="mask is 128x128 but the image 64x64"):
+        result = ours.generate(PROMPT, image=picture, mask_image=big_mask, num_inference_steps=4, strength=0.5,
+                               output_type="np")
     assert result.images.shape == (1, 64, 64, 3)
 
 

@@ -11,6 +11,7 @@ the whole job; without a refiner the base does.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -62,6 +63,10 @@ def _size(req: Request, image) -> Optional[Tuple[int, int]]:
 def _mask_inputs(req: Request, size: Tuple[int, int], factor: int):
     """(pixel mask at `size`, PasteBack or None, crop box or None) for an inpainting request."""
     mask_l = inpaint.grey(req.mask_image)
+    if hasattr(req.image, "size") and mask_l.size != tuple(req.image.size):
+        warnings.warn(f"the mask is {mask_l.size[0]}x{mask_l.size[1]} but the image {req.image.size[0]}x"
+                      f"{req.image.size[1]}: the mask is resized to fit", stacklevel=4)
+        mask_l = mask_l.resize(tuple(req.image.size))
     blur = number(req.mask_blur, "mask_blur", 0, 256)
     box = None
     if req.padding_mask_crop is not None:
