@@ -58,6 +58,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     run.add_argument("--e2e-limit", type=float, default=30.0, metavar="MINUTES",
                      help="skip whole images whose estimate (from the stage timings) exceeds this; 0 = no limit "
                           "(default 30)")
+    run.add_argument("--few-steps", type=int, metavar="N",
+                     help="also time a whole image of N steps as few-step models run (the base alone, Euler "
+                          "with trailing spacing, guidance 0: one UNet batch per step), after the --steps one")
     run.add_argument("--low-memory", action="store_true", help="whole images free each model after its stage")
     run.add_argument("--compile", action="store_true",
                      help="time the UNet steps through the compiled forward pass (the pipeline's compile=True)")
@@ -96,6 +99,8 @@ def _check(args, parser) -> Optional[str]:
             return f"--{name} must be a multiple of 8 and at least 64, got {v}"
     if args.steps < 1:
         return f"--steps must be at least 1, got {args.steps}"
+    if args.few_steps is not None and args.few_steps < 1:
+        return f"--few-steps must be at least 1, got {args.few_steps}"
     if not 0 < args.high_noise_frac <= 1:
         return f"--high-noise-frac must be in (0, 1], got {args.high_noise_frac}"
     if args.repeats < 1 or args.warmup < 0:
@@ -170,7 +175,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m bench") -> int
                         batch=args.batch, dtypes=dtypes, repeats=args.repeats, warmup=args.warmup,
                         refiner_bits=args.refiner_bits if refiner is not None else None, only=args.only,
                         compare=args.compare, e2e_limit_minutes=args.e2e_limit, low_memory=args.low_memory,
-                        compile=args.compile)
+                        compile=args.compile, few_steps=args.few_steps)
     runner = Runner(base, refiner, settings, compare, log)
     started = time.perf_counter()
     try:
@@ -199,7 +204,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m bench") -> int
             "high_noise_frac": args.high_noise_frac, "batch": args.batch, "dtypes": dtypes,
             "refiner_bits": settings.refiner_bits, "only": args.only, "repeats": args.repeats,
             "warmup": args.warmup, "compare": args.compare, "low_memory": args.low_memory,
-            "compile": args.compile,
+            "compile": args.compile, "few_steps": args.few_steps,
             "cpu_kernels": use_cpu_kernels(mx.zeros((1,))) if machine["backend"] == "cpu" else False,
         },
         "results": runner.results,

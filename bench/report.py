@@ -17,6 +17,7 @@ LABELS = {
     "vae_decode": "VAE decode",
     "text_encode": "text encoders (CLIP-L + bigG)",
     "e2e": "whole image",
+    "e2e_few_steps": "whole image, few steps (guidance 0, Euler trailing, base only)",
 }
 
 

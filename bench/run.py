@@ -22,6 +22,7 @@ from mlx_sdxl.models.clip import CLIPTextConfig
 from mlx_sdxl.models.unet import UNetConfig
 from mlx_sdxl.models.vae import VAEConfig
 from mlx_sdxl.sources import BASE, REFINER, ModelSource
+from mlx_sdxl.spec import DEFAULT_GUIDANCE
 from mlx_sdxl.tokenizer import tokenize
 from mlx_sdxl.weights import parse_dtype
 
@@ -49,6 +50,7 @@ class Settings:
     e2e_limit_minutes: float = 30.0
     low_memory: bool = False
     compile: bool = False
+    few_steps: Optional[int] = None  # also time a guidance-0 base-only image of this many steps
 
 
 def stats(runs: List[float]) -> dict:
@@ -223,19 +225,42 @@ class Runner:
         warmup = run(2)  # loads every model and builds the kernels
         load = sum(v for k, v in warmup.items() if k.startswith("load_"))
         self.log(f"  e2e warm-up (2 steps, models loading) {time.perf_counter() - t0:.3g} s")
+        runs, per_stage = self._whole_images(run, s.steps)
+        self._record("e2e", "e2e", dtype, runs, mx.get_peak_memory(), load, None, steps=s.steps,
+                     high_noise_frac=frac if self.refiner is not None else None, refiner_bits=s.refiner_bits,
+                     guidance_scale=DEFAULT_GUIDANCE, unet_evaluations=2 * s.steps,
+                     per_stage_seconds=per_stage, image_size=[s.height, s.width])
+        if s.few_steps:
+            self.e2e_few_steps(pipe, dtype, load)
+        pipe = None
+        free()
+
+    def _whole_images(self, run: Callable[[int], dict], steps: int):
+        """Wall times of `repeats` whole images of `steps` steps, and the medians of their stage timings."""
         runs, breakdown = [], []
-        for _ in range(s.repeats):
+        for _ in range(self.s.repeats):
             t0 = time.perf_counter()
-            timings = run(s.steps)
+            timings = run(steps)
             runs.append(time.perf_counter() - t0)
             breakdown.append({k: (v.seconds if hasattr(v, "seconds") else v)
                               for k, v in timings.items() if not k.startswith("load_")})
-        per_stage = {k: statistics.median(b[k] for b in breakdown) for k in breakdown[0]}
-        self._record("e2e", "e2e", dtype, runs, mx.get_peak_memory(), load, None, steps=s.steps,
-                     high_noise_frac=frac if self.refiner is not None else None, refiner_bits=s.refiner_bits,
-                     per_stage_seconds=per_stage, image_size=[s.height, s.width])
-        pipe = None
-        free()
+        return runs, {k: statistics.median(b[k] for b in breakdown) for k in breakdown[0]}
+
+    def e2e_few_steps(self, pipe, dtype, load: float) -> None:
+        """A few-step image as Lightning / Turbo-style models run (`--few-steps N`): the base alone,
+        Euler with trailing spacing, guidance 0 (no unconditional batch), in the same process as `e2e`."""
+        s = self.s
+        sampler = dict(scheduler="euler", timestep_spacing="trailing", guidance_scale=0.0)
+        run = lambda steps: pipe.generate(PROMPT, num_inference_steps=steps, width=s.width,  # noqa: E731
+                                          height=s.height, high_noise_frac=1.0, seed=0, output_type="np",
+                                          **sampler).timings
+        mx.reset_peak_memory()
+        if s.warmup:
+            run(1)  # the batch-1 shapes once, untimed
+        runs, per_stage = self._whole_images(run, s.few_steps)
+        self._record("e2e_few_steps", "e2e", dtype, runs, mx.get_peak_memory(), load, None, steps=s.few_steps,
+                     high_noise_frac=None, refiner_bits=None, unet_evaluations=s.few_steps,
+                     per_stage_seconds=per_stage, image_size=[s.height, s.width], **sampler)
 
     def _e2e_estimate(self, dtype) -> Optional[float]:
         """Seconds per image from this run's stage results, if they were measured."""

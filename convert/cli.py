@@ -22,6 +22,8 @@ def build_parser(prog: str = "python -m convert") -> argparse.ArgumentParser:
     p.add_argument("--base-bits", type=int, choices=BITS, help="quantize the base UNet")
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=GROUP_SIZES)
     p.add_argument("--linear-only", action="store_true", help="quantize Linear layers only, keep convs dense")
+    p.add_argument("--lora", dest="loras", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="bake a LoRA (file, folder or hub id) into the base at SCALE (default 1.0); repeatable")
     p.add_argument("--tokenizer", help="folder holding tokenizer/ and tokenizer_2/ (for single files)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true")
@@ -49,7 +51,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m convert") -> i
 
             convert(args.base, args.out, refiner=args.refiner, vae=args.vae, dtype=args.dtype,
                     refiner_bits=args.refiner_bits, base_bits=args.base_bits, group_size=args.group_size,
-                    convs=not args.linear_only, overwrite=args.overwrite, tokenizer=args.tokenizer, log=log)
+                    convs=not args.linear_only, overwrite=args.overwrite, tokenizer=args.tokenizer, log=log,
+                    loras=args.loras)
         except (SDXLError, OSError) as e:
             return _error(prog, e)
         except KeyboardInterrupt as e:  # Ctrl-C, and SIGTERM / SIGHUP as signals.Terminated

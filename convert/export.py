@@ -175,8 +175,11 @@ def _write_all(tmp: Path, sources: dict, manifest: dict, dt, bits: dict, group_s
 def convert(base, out, *, refiner=None, vae=None, dtype="float16", refiner_bits: Optional[int] = None,
             base_bits: Optional[int] = None, group_size: int = DEFAULT_GROUP_SIZE, convs: bool = True,
             overwrite: bool = False, config=None, refiner_config=None, tokenizer=None, tokenizer_2=None,
-            log: Optional[Callable] = print) -> Path:
+            log: Optional[Callable] = print, loras=()) -> Path:
     """Convert `base` (and `refiner`) into an MLX folder at `out`; returns the path.
+
+    `loras`: "PATH[:SCALE]" LoRAs fused into the base's UNet and text encoders before any
+    quantization (checked before anything is written); the manifest lists them.
 
     Everything is written to `.NAME.partial-<pid>` beside `out` and renamed when complete; on any
     error or interruption (SIGTERM/SIGHUP too, inside signals.terminate_as_interrupt) it is removed.
@@ -193,6 +196,12 @@ def convert(base, out, *, refiner=None, vae=None, dtype="float16", refiner_bits:
                REFINER: open_source(refiner, REFINER, config=refiner_config, tokenizer=tokenizer or base,
                                     tokenizer_2=tokenizer_2) if refiner is not None else None,
                "vae": vae_source(vae) if vae is not None else None}
+    manifest = _manifest(base, refiner, vae, dt)
+    if loras:
+        from mlx_sdxl.lora.bake import baked_source, manifest_entries
+
+        sources[BASE], baked = baked_source(sources[BASE], loras, [sources[REFINER]])
+        manifest["loras"] = manifest_entries(baked, loras)
     if refiner_bits or base_bits:
         from mlx_sdxl.quantize import check_settings
 
@@ -204,7 +213,7 @@ def convert(base, out, *, refiner=None, vae=None, dtype="float16", refiner_bits:
     t0 = time.perf_counter()
     _say(log, f"converting {base} -> {out}")
     try:
-        _write_all(tmp, sources, _manifest(base, refiner, vae, dt), dt, {BASE: base_bits, REFINER: refiner_bits},
+        _write_all(tmp, sources, manifest, dt, {BASE: base_bits, REFINER: refiner_bits},
                    group_size, convs, log)
         _swap_into_place(tmp, out, log)
     except BaseException as e:

@@ -25,7 +25,7 @@ import unicodedata
 from pathlib import Path
 from typing import List, Optional
 
-from . import cli_control
+from . import cli_control, cli_lora
 from .errors import InputError, SDXLError
 from .metadata import default_filename, read_metadata, save_png
 from .progress import Progress
@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="benchmarks (see 'mlx-sdxl bench --help')", add_help=False)
     sub.add_parser("batch", help="run a file of jobs, resumably, on one or several machines "
                                  "(see 'mlx-sdxl batch --help')", add_help=False)
+    sub.add_parser("serve", help="an AUTOMATIC1111-compatible API and a web page (see 'mlx-sdxl serve --help')",
+                   add_help=False)
     return parser
 
 
@@ -204,6 +206,7 @@ def _add_generate(sub) -> None:
     r.add_argument("--mask-blur", dest="mask_blur", type=float, metavar="PX",
                    help="blur the mask's edge by this many pixels and blend the result over the image (default 0)")
     cli_control.add_arguments(g.add_argument_group("ControlNet"))
+    cli_lora.add_arguments(g.add_argument_group("LoRA"))
     r.add_argument("--inpaint-only-masked", dest="padding_mask_crop", type=int, nargs="?", const=32, metavar="PAD",
                    help="repaint only a box around the mask, PAD pixels larger (default 32), at the full size")
 
@@ -225,6 +228,7 @@ def resolve_settings(args) -> tuple:
         if not foreign and "prompt_syntax" not in recorded:  # made before prompt syntaxes existed
             settings["prompt_syntax"] = "plain"
         settings["embeddings"] = recorded.get("embeddings")  # compared with the embeddings loaded
+        settings["loras"] = recorded.get("loras")  # loaded again unless --lora is given (cli_lora.py)
     explicit = {k for k in DEFAULTS if getattr(args, k, None) is not None}
     for key in explicit:
         settings[key] = getattr(args, key)
@@ -419,6 +423,7 @@ def cmd_generate(args) -> int:
         remove_stale(folder)  # temporaries our killed runs left there
     source_image, mask_image = (_input_image(settings, explicit, key, args.max_megapixels) for key in ("image", "mask"))
     settings["controls"] = cli_control.controls_from_args(args, settings["controls"])
+    loras = cli_lora.plan_loras(settings, args)  # tags and files checked before any model loads
     folder = models_dir(args.models_dir)
     for key in MODEL_KEYS:
         if settings[key] is not None:
@@ -439,6 +444,7 @@ def cmd_generate(args) -> int:
         compile=args.compile, prediction_type=settings["prediction_type"])
     progress.timings = pipe.models.load_seconds.copy
     _load_embeddings(pipe, args, settings, progress)
+    cli_lora.load_loras(pipe, loras, progress)
     controls = cli_control.load_controls(pipe, settings["controls"], folder, bool(args.from_image) and not
                                          args.controlnets, open_image, args.max_megapixels)
     recorded_hash = "model" not in explicit and settings.pop("model_hash", None)
@@ -503,7 +509,8 @@ def generate_kwargs(settings: dict, inputs, seed: int, args) -> dict:
         common.update(image=source_image, strength=settings["strength"], mask_image=mask_image,
                       mask_blur=settings["mask_blur"], padding_mask_crop=settings["padding_mask_crop"],
                       resize=settings["resize"])
-    return dict(common, prompt=settings["prompt"], negative_prompt=settings["negative_prompt"],
+    return dict(common, prompt=cli_lora.clean(settings["prompt"]),  # <lora:...> tags never reach CLIP
+                negative_prompt=cli_lora.clean(settings["negative_prompt"]),
                 high_noise_frac=settings["high_noise_frac"], width=settings["width"], height=settings["height"])
 
 
@@ -514,6 +521,7 @@ def finish_image(result, pipe, settings: dict, seed: int, args) -> tuple:
     image = result.images[0]
     if result.settings[0].get("embeddings"):  # {token: short hash} of those the prompts used
         settings = dict(settings, embeddings=result.settings[0]["embeddings"])
+    settings = dict(settings, loras=result.settings[0].get("loras"))  # [{name, scale, hash}] of those applied
     settings = dict(settings, mode=result.settings[0]["mode"])
     ran = result.settings[0]  # the sampler that ran: the model's own when none was named
     settings.update({k: ran.get(k) for k in ("scheduler", "timestep_spacing", "eta")})
@@ -573,7 +581,7 @@ def cmd_info(args) -> int:
 def delegate(command: str, argv: List[str]) -> int:
     """Run `<command>.cli:main(argv)` from the package's sibling tools (or mlx_sdxl's own, for
     `batch`), imported only when asked for."""
-    module_name = {"batch": "mlx_sdxl.batch.cli"}.get(command, f"{command}.cli")
+    module_name = {"batch": "mlx_sdxl.batch.cli", "serve": "mlx_sdxl.server.cli"}.get(command, f"{command}.cli")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
@@ -593,7 +601,7 @@ def _fail(message: str) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("convert", "bench", "batch"):
+    if argv and argv[0] in ("convert", "bench", "batch", "serve"):
         return delegate(argv[0], argv[1:])
     parser = build_parser()
     try:

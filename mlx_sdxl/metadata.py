@@ -12,7 +12,8 @@ Settings use the pipeline's argument names (``prompt``, ``negative_prompt``,
 ``num_inference_steps``, ``guidance_scale``, ``high_noise_frac``, ``scheduler``,
 ``seed``, ``width``, ``height``, ``prompt_syntax``, ...) plus ``model``, ``refiner``, ``vae``,
 ``dtype``, ``mode`` ("generate" or "refine"), ``image`` and ``strength``, and
-``embeddings`` ({token: short hash}, A1111's ``TI hashes``) when a prompt used any.
+``embeddings`` ({token: short hash}, A1111's ``TI hashes``) when a prompt used any, and
+``loras`` ([{name, scale, hash}], A1111's ``Lora hashes``) when LoRAs were applied.
 The prompt is recorded exactly as written, weights and BREAK included.
 """
 
@@ -133,6 +134,8 @@ def format_parameters(settings: dict) -> str:
         fields.append(("Guidance rescale", s["guidance_rescale"]))
     if s.get("embeddings"):  # A1111's "TI hashes": "token: short hash, ..." of the embeddings used
         fields.append(("TI hashes", ", ".join(f"{token}: {h}" for token, h in s["embeddings"].items())))
+    if s.get("loras"):  # A1111's "Lora hashes": "name: short hash, ..." (the scales: the JSON chunk, prompt tags)
+        fields.append(("Lora hashes", ", ".join(f"{lora.get('name')}: {lora.get('hash')}" for lora in s["loras"])))
     fields.append(("Version", f"mlx-sdxl {s.get('version', __version__)}"))
     lines.append(", ".join(f"{k}: {_quote(_num(v))}" for k, v in fields if v is not None))
     return "\n".join(lines)
@@ -193,6 +196,9 @@ def parse_parameters(text: str) -> dict:
             elif key == "TI hashes":  # "token: hash, token: hash"
                 pairs = [part.split(":") for part in value.split(",")]
                 out["embeddings"] = {token.strip(): h.strip() for token, h in pairs}
+            elif key == "Lora hashes":  # "name: hash, name: hash" (scales live in the prompt's <lora:...> tags)
+                pairs = [part.rsplit(":", 1) for part in value.split(",")]
+                out["loras"] = [{"name": name.strip(), "hash": h.strip()} for name, h in pairs]
             else:
                 extra[key] = value
         except ValueError:

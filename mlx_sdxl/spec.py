@@ -65,6 +65,12 @@ RESIZE_MODES = ("crop", "fit", "stretch")  # how an input picture meets a reques
 DEFAULT_RESIZE = "crop"
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent input pixels are composited over white, as A1111 does
 
+# ---------------------------------------------------------------- LoRAs
+# where `<lora:NAME:SCALE>` prompt tags find NAME.safetensors (searched recursively): --lora-dir, else
+# $MLX_SDXL_LORA_DIR, else this folder
+LORA_DIR_ENV = "MLX_SDXL_LORA_DIR"
+DEFAULT_LORA_DIR = "~/mlx-sdxl/loras"
+
 # ---------------------------------------------------------------- metadata
 METADATA_MODES = ("minimal", "full", "none")   # identifiers only / local paths too / nothing
 DEFAULT_METADATA = "minimal"

@@ -18,12 +18,14 @@ from PIL import Image
 
 from mlx_sdxl.batch.cli import main as batch_main
 from mlx_sdxl.batch.jobs import parse_jobs, read_jobs
+from mlx_sdxl.batch.local import remove_rank_temps, save_from_rank
 from mlx_sdxl.batch.options import GenerateOptions, derived_seed, job_argv, read_defaults
 from mlx_sdxl.batch.progress import BatchProgress
 from mlx_sdxl.batch.stages import parse_stages
 from mlx_sdxl.cli import main as cli_main
 from mlx_sdxl.errors import InputError
 from mlx_sdxl.metadata import read_metadata
+from mlx_sdxl.tempfiles import remove_stale
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = ["--width", "64", "--height", "64", "--dtype", "float32", "--steps", "3"]
@@ -173,6 +175,18 @@ def test_one_progress_bar_on_a_terminal():
     assert text.count("\n") == 1 and text.endswith("\r\033[K")  # only the note ended a line
 
 
+def test_other_ranks_temporaries_survive_this_machines_cleanup(tmp_path):
+    image = Image.new("RGB", (8, 8), (10, 20, 30))
+    path = save_from_rank(image, {"prompt": "x", "seed": 1}, tmp_path / "0001-abc.png", "0123456789ab", 2)
+    assert read_metadata(path)["seed"] == 1 and sorted(os.listdir(tmp_path)) == ["0001-abc.png"]
+    live = tmp_path / ".0002-def.png.0123456789ab-r1.tmp"  # another machine's write in progress
+    live.write_bytes(b"partial")
+    remove_stale(tmp_path)  # this machine's cleanup of dead process ids leaves it alone
+    assert live.exists()
+    remove_rank_temps(tmp_path)  # rank 0 at the start of the next run removes it
+    assert sorted(os.listdir(tmp_path)) == ["0001-abc.png"]
+
+
 # ---------------------------------------------------------------- the 12-job batch
 def test_twelve_jobs_make_ten_images_equal_to_generate_and_log_two_failures(batch12, models, tmp_path):
     work, _, rc, stdout, stderr = batch12
@@ -244,6 +258,13 @@ def test_a_prompt_list_gets_stable_seeds(models, tmp_path):
                                                         derived_seed(2, {"prompt": "a green tree"})]
     rc, stdout, stderr = run(tmp_path / "prompts.txt", "--out", tmp_path / "out", *models, *DEFAULTS)
     assert rc == 0 and stdout == "" and "0 made, 0 failed, 2 skipped" in stderr
+
+
+def test_distributed_without_a_launcher_runs_here_alone(models, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a red cat\n")
+    rc, stdout, stderr = run(tmp_path / "prompts.txt", "--out", tmp_path / "out", "--distributed", *models, *DEFAULTS)
+    assert rc == 0 and len(stdout.split()) == 1 and "not started by mlx.launch" in stderr
+    assert last_run(tmp_path / "out")[0]["ranks"] == 1
 
 
 # ---------------------------------------------------------------- Ctrl-C and resume

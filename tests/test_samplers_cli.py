@@ -128,3 +128,22 @@ def test_cli_bad_sampler_flags(models, tmp_path, flags, match):
                           "--output", tmp_path / "x.png", *flags)
     assert rc == 2 and re.search(match, err), err
     assert not (tmp_path / "x.png").exists() and stdout == ""
+
+
+def test_bench_few_steps_against_the_default_run(tmp_path):
+    """`mlx-sdxl bench --few-steps 2`: a guidance-0, Euler-trailing, base-only image in the same process."""
+    from bench.cli import main as bench_main
+
+    out = tmp_path / "r.json"
+    rc = bench_main(["--tiny", "--width", "64", "--height", "64", "--steps", "4", "--few-steps", "2", "--repeats",
+                     "1", "--warmup", "1", "--only", "e2e", "--json", str(out)], prog="mlx-sdxl bench")
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["few_steps"] == 2
+    full, few = report["results"]
+    assert (full["name"], full["unet_evaluations"], full["guidance_scale"]) == ("e2e", 8, 5.0)
+    assert (few["name"], few["steps"], few["unet_evaluations"], few["guidance_scale"]) == ("e2e_few_steps", 2, 2, 0.0)
+    assert (few["scheduler"], few["timestep_spacing"], few["high_noise_frac"]) == ("euler", "trailing", None)
+    assert "refiner" in full["per_stage_seconds"] and "refiner" not in few["per_stage_seconds"]
+    assert few["per_stage_seconds"]["base"] < full["per_stage_seconds"]["base"]
+    assert bench_main(["--tiny", "--few-steps", "0"]) == 2

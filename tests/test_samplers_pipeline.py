@@ -209,7 +209,22 @@ def test_refiner_handoff(tiny, ours_with_refiner, unet_calls, name, steps):
                             scheduler=name, output_type="np", callback=grab)
     assert np.linalg.norm(mid["x"] - ref_mid) / np.linalg.norm(ref_mid) <= 1e-4
     assert mean_abs(got, ref) <= TOL
+    print(f"hand-off: base latents {rel_l2(mid['x'], ref_mid):.2e} relative, images {mean_abs(got, ref):.2e} mean abs")
     assert {b for b, _ in unet_calls} == {2}  # guidance 5: the unconditional half runs
+
+
+@pytest.mark.parametrize("name", ["lcm", "tcd", "unipc", "euler_karras", "dpmpp_2m_sde"])
+def test_no_unconditional_batch_at_guidance_one_on_every_path(ours_with_refiner, unet_calls, name):
+    """Text to image through both stages and img2img: one UNet batch per step at guidance <= 1."""
+    common = dict(scheduler=name, guidance_scale=1.0, seed=2, output_type="latent")
+    ours_with_refiner(PROMPT, num_inference_steps=10, height=SIZE, width=SIZE, high_noise_frac=0.5, **common)
+    ours_with_refiner(PROMPT, image=np.full((1, SIZE, SIZE, 3), 0.5, np.float32), strength=0.6,
+                      num_inference_steps=10, high_noise_frac=0.5, **common)
+    assert len(unet_calls) == 10 + 6 and set(unet_calls) == {(1, False)}
+    unet_calls.clear()
+    ours_with_refiner(PROMPT, num_inference_steps=10, height=SIZE, width=SIZE, high_noise_frac=0.5,
+                      **{**common, "guidance_scale": 1.5})
+    assert set(unet_calls) == {(2, False)}  # above 1: the unconditional half runs
 
 
 def test_lcm_handoff_leaving_the_refiner_nothing(tiny):

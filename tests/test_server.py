@@ -13,6 +13,7 @@ from PIL import Image
 
 from mlx_sdxl.metadata import read_metadata
 from mlx_sdxl.server import guards
+from lora_files import kohya_file
 from serve_harness import TINY, RunningServer, info_of, make_config, pixels, png_b64
 
 AUTH = ("alice", "s3cret:with-colon")
@@ -37,7 +38,7 @@ def folders(tiny_sdxl, tmp_path_factory):
     os.symlink(tiny_sdxl[0], models / "other")          # a second checkpoint (a diffusers folder)
     (models / "notes.txt").write_text("not a model")
     (loras / "styles").mkdir()
-    (loras / "styles" / "ink.safetensors").write_bytes(b"x")
+    kohya_file(loras / "styles" / "ink.safetensors", tiny_sdxl[2], std=0.4)  # a real LoRA for the tiny base
     (loras / "old.ckpt").write_bytes(b"pickle")             # never listed: pickle files are not loaded
     _embedding(embeddings / "foxstyle.safetensors", 64)      # the tiny text encoders are 64 wide
     _embedding(embeddings / "wide.safetensors", 768)         # an SDXL-size one: skipped, with the reason
@@ -57,7 +58,7 @@ def server(tiny_sdxl, folders):
 
 @pytest.fixture(scope="module")
 def client(server):
-    with httpx.Client(base_url=server.url, auth=AUTH, timeout=120) as c:
+    with httpx.Client(base_url=server.url, auth=AUTH, timeout=120, trust_env=False) as c:
         yield c
 
 
@@ -146,7 +147,7 @@ def test_embeddings_from_the_folder_work_in_prompts(client):
     assert not np.array_equal(pixels(plain.json()["images"][0]), pixels(styled.json()["images"][0]))
 
 
-def test_img2img(client):
+def test_img2img_and_inpainting(client):
     rng = np.random.default_rng(1)
     source = Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8))
     r = client.post("/sdapi/v1/img2img", json=dict(prompt="a cat", init_images=[png_b64(source)], steps=4,
@@ -155,10 +156,33 @@ def test_img2img(client):
     assert r.status_code == 200, r.text
     info = info_of(r)
     assert info["denoising_strength"] == 0.5 and "Denoising strength: 0.5" in info["infotexts"][0]
-    assert Image.open(__import__("io").BytesIO(__import__("base64").b64decode(r.json()["images"][0]))).size == (64, 64)
+    assert pixels(r.json()["images"][0]).shape == (64, 64, 3)
     assert r.json()["parameters"]["init_images"] is None            # not echoed back (include_init_images)
     own = client.post("/sdapi/v1/img2img", json=dict(prompt="a cat", init_images=[png_b64(source)], steps=4))
     assert info_of(own)["width"] == 96 and info_of(own)["height"] == 80   # no size: the picture's own
+    mask = np.zeros((80, 96), np.uint8)
+    mask[:, :40] = 255                                               # repaint the left part
+    painted = client.post("/sdapi/v1/img2img", json=dict(
+        prompt="a cat", init_images=[png_b64(source)], mask=png_b64(Image.fromarray(mask)), steps=4, seed=9,
+        denoising_strength=0.9, mask_blur=2, inpaint_full_res=False, inpainting_fill=1))
+    assert painted.status_code == 200, painted.text
+    out = pixels(painted.json()["images"][0])
+    assert np.array_equal(out[:, 60:], np.asarray(source)[:, 60:])   # the kept part is the original
+    assert not np.array_equal(out[:, :30], np.asarray(source)[:, :30])
+    assert '"mode": "inpaint"' in __import__("serve_harness").decode_png(painted.json()["images"][0]).info["mlx_sdxl"]
+
+
+def test_loras_from_prompt_tags(client, folders):
+    plain = client.post("/sdapi/v1/txt2img", json=dict(FAST, prompt="a photo of a cat", seed=4))
+    tagged = client.post("/sdapi/v1/txt2img", json=dict(FAST, prompt="a photo of a cat <lora:ink:0.9>", seed=4))
+    assert tagged.status_code == 200, tagged.text
+    assert info_of(tagged)["infotexts"][0].startswith("a photo of a cat <lora:ink:0.9>")   # as written
+    assert not np.array_equal(pixels(plain.json()["images"][0]), pixels(tagged.json()["images"][0]))
+    again = client.post("/sdapi/v1/txt2img", json=dict(FAST, prompt="a photo of a cat", seed=4))
+    assert np.array_equal(pixels(plain.json()["images"][0]), pixels(again.json()["images"][0]))  # taken off
+    for name in ("nothing", "../secret", "styles/../../secret"):
+        r = client.post("/sdapi/v1/txt2img", json=dict(FAST, prompt=f"x <lora:{name}:1>"))
+        assert r.status_code == 404 and "looked up only inside" in r.json()["detail"]
 
 
 # ---------------------------------------------------------------- validation and limits
@@ -171,7 +195,8 @@ def test_img2img(client):
     (dict(sampler_name="Euler a", scheduler="Karras"), "scheduler", "Karras is available for"),
     (dict(scheduler="exponential"), "scheduler", "accepted: Automatic, Karras"),
     (dict(script_name="X/Y plot"), "script_name", "not supported"),
-    (dict(prompt="a cat <lora:ink:0.8>"), "prompt", "LoRA is not supported"),
+    (dict(prompt="a cat <lora:ink:0.8:0.5>"), "prompt", "separate text-encoder and UNet scales"),
+    (dict(negative_prompt="<lora:ink:x>"), "negative_prompt", "is not a number"),
     (dict(refiner_switch_at=1.5), "refiner_switch_at", "less than or equal to 1"),
 ])
 def test_bad_fields_give_422_naming_the_field(client, payload, field, words):
@@ -180,13 +205,17 @@ def test_bad_fields_give_422_naming_the_field(client, payload, field, words):
 
 def test_img2img_refusals(client):
     image = png_b64(Image.new("RGB", (64, 64)))
-    assert "inpainting is not supported yet" in _422(client.post(
-        "/sdapi/v1/img2img", json=dict(prompt="x", init_images=[image], mask=image)), "mask")
+    assert "not valid base64" in _422(client.post(
+        "/sdapi/v1/img2img", json=dict(prompt="x", init_images=[image], mask="%%")), "mask")
+    assert "mask_blur must be in [0, 256]" in _422(client.post(
+        "/sdapi/v1/img2img", json=dict(prompt="x", init_images=[image], mask=image, mask_blur=300)), "mask_blur")
     assert "needs one input picture" in _422(client.post("/sdapi/v1/img2img", json=dict(prompt="x")), "init_images")
     assert "not valid base64" in _422(client.post("/sdapi/v1/img2img", json=dict(prompt="x", init_images=["%%"])),
                                       "init_images")
     assert "fetches nothing" in _422(client.post("/sdapi/v1/img2img", json=dict(
         prompt="x", init_images=["http://127.0.0.1:1/x.png"])), "init_images")
+    assert "give both width and height" in _422(client.post("/sdapi/v1/img2img", json=dict(
+        prompt="x", init_images=[image], width=64)), "height")
     big = png_b64(Image.new("RGB", (512, 512)))  # 0.26 MP, over the test server's 0.1
     assert "megapixels" in _422(client.post("/sdapi/v1/img2img", json=dict(prompt="x", init_images=[big])),
                                 "init_images")
@@ -220,11 +249,12 @@ def test_help_lists_every_limit(capsys):
 # ---------------------------------------------------------------- security
 def test_auth_401_without_or_with_wrong_credentials(server):
     for auth in (None, ("alice", "wrong"), ("mallory", AUTH[1]), ("", "")):
-        r = httpx.get(server.url + "/sdapi/v1/options", auth=auth)
+        r = httpx.get(server.url + "/sdapi/v1/options", auth=auth, trust_env=False)
         assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic")
-    assert httpx.get(server.url + "/", auth=None).status_code == 401          # the page too
-    assert httpx.get(server.url + "/sdapi/v1/options", auth=OTHER).status_code == 200
-    r = httpx.post(server.url + "/sdapi/v1/txt2img", auth=None, content=b"x" * (2 * 1024 * 1024))
+    assert httpx.get(server.url + "/", auth=None, trust_env=False).status_code == 401  # the page too
+    assert httpx.get(server.url + "/sdapi/v1/options", auth=OTHER, trust_env=False).status_code == 200
+    r = httpx.post(server.url + "/sdapi/v1/txt2img", auth=None, content=b"x" * (2 * 1024 * 1024),
+                   trust_env=False)
     assert r.status_code == 401  # refused before its body is read
 
 
@@ -238,7 +268,7 @@ def test_auth_compares_every_credential_in_constant_time(server, monkeypatch):
     monkeypatch.setattr(guards, "compare_digest", counting)
     for auth in (None, ("mallory", "x"), ("alice", "wrong"), AUTH):
         calls.clear()
-        httpx.get(server.url + "/sdapi/v1/progress", auth=auth)
+        httpx.get(server.url + "/sdapi/v1/progress", auth=auth, trust_env=False)
         assert len(calls) == 4   # both users × (user, password), for a right, a wrong and a missing login alike
         assert all(a == b == 32 for a, b in calls)   # SHA-256 digests: equal lengths, whatever was sent
 
@@ -263,6 +293,7 @@ def test_webuiapi_client_works_unchanged(server):
 
     api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, username=AUTH[0], password=AUTH[1],
                             sampler="Euler", steps=2)
+    api.session.trust_env = False  # loopback only, whatever proxy the environment names
     result = api.txt2img(prompt="a photo of a dog", seed=12, cfg_scale=5, **TINY)
     assert result.image.size == (64, 64) and result.info["all_seeds"] == [12]
     assert "Seed: 12," in result.image.info["parameters"]

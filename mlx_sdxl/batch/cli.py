@@ -25,7 +25,7 @@ from ..tempfiles import remove_stale
 from .comm import Link, world
 from .jobs import read_jobs
 from .ledger import Ledger, one_line
-from .local import Batch, TaskQueue, run_queue
+from .local import Batch, TaskQueue, remove_rank_temps, run_queue
 from .options import GenerateOptions, read_defaults
 from .progress import BatchProgress
 from .spread import follow, lead
@@ -143,6 +143,7 @@ def _prepare(args, defaults, out: Path):
     jobs = read_jobs(args.jobs)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale(out)  # temporaries our killed runs left there
+    remove_rank_temps(out)  # and those of other ranks of earlier runs (one batch per folder at a time)
     pipe = open_pipeline(defaults)
     tasks, bad = plan_tasks(jobs, GenerateOptions(), defaults, pipe)
     made = [t for t in tasks if is_finished(out / t.name, t.identity)]

@@ -58,8 +58,8 @@ class Ledger:
                        seconds=round(seconds, 3))
             self.progress.image_finished()
             if not self.progress.bar:  # a terminal shows the bar; a log gets one line per image
-                self.progress.line(f"[{self.progress.finished}/{self.progress.to_make}] {task.name} "
-                                   f"({task.where}, seed {task.seed}, rank {rank}, {seconds:.1f} s)")
+                self.progress.line(f"[{self.progress.finished}/{self.progress.to_make}] {task.name} (job {task.job}, "
+                                   f"line {task.line}, seed {task.seed}, rank {rank}, {seconds:.1f} s)")
             print(path, file=self.stdout, flush=True)
 
     def image_skipped(self, task) -> None:

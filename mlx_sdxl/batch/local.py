@@ -3,6 +3,9 @@ when the batch is spread over several."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import threading
 import time
 from collections import deque
@@ -10,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ..metadata import save_png
+from ..metadata import pnginfo, save_png
 from .ledger import Ledger
 from .progress import BatchProgress
 from .tasks import Task
 from .work import JOB_ERRORS, Embeddings, make_image
+
+RANK_TEMP = re.compile(r"^\..+\.png\.[0-9a-f]+-r\d+\.tmp$")
 
 
 @dataclass
@@ -55,6 +60,37 @@ class TaskQueue:
 def save(image, record: dict, batch: Batch, task: Task) -> Path:
     """Write a task's image atomically, with its metadata (replacing a file that records other settings)."""
     return save_png(image, batch.out / task.name, record, overwrite=True)
+
+
+def save_from_rank(image, record: dict, path: Path, run: str, rank: int) -> Path:
+    """Write an image into the shared folder atomically from a rank other than 0.
+
+    The temporary is named for the run and the rank (`.NAME.png.<run>-r<rank>.tmp`), not for a
+    process id as save_png's are: every machine sharing the folder removes the temporaries of
+    process ids that are dead *there*, so another machine's live one must not look like them.
+    Rank 0 removes the leftovers of earlier runs when a batch starts (`remove_rank_temps`).
+    """
+    tmp = path.parent / f".{path.name}.{run}-r{rank}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            image.save(f, format="PNG", pnginfo=pnginfo(record))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def remove_rank_temps(folder: Path) -> None:
+    """Remove the temporaries that ranks of earlier runs left in `folder` (see save_from_rank)."""
+    for entry in os.scandir(folder):
+        if RANK_TEMP.match(entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
 
 
 def make_and_save(pipe, task: Task, batch: Batch, rank: int = 0) -> bool:

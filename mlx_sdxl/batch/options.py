@@ -21,16 +21,17 @@ from typing import Dict, List, Sequence, Tuple
 from .. import cli
 from ..errors import InputError
 from ..identity import MODEL_KEYS, locate, models_dir
+from ..lora.tags import parse_lora_tags
 from ..spec import MAX_SEED
 
 # generate's options (by dest) that a job line may set; each becomes its own default on the command line
 PER_JOB = ("prompt", "negative_prompt", "prompt_syntax", "num_inference_steps", "high_noise_frac", "guidance_scale",
-           "scheduler", "width", "height", "seeds", "n_images", "max_megapixels", "image", "strength", "resize", "mask",
-           "mask_blur", "padding_mask_crop")
+           "scheduler", "timestep_spacing", "eta", "width", "height", "seeds", "n_images", "max_megapixels", "image",
+           "strength", "resize", "mask", "mask_blur", "padding_mask_crop")
 INPUTS = ("image", "mask")  # paths to pictures, read when the job runs
 # generate's options that hold for the whole batch: the command line only
-BATCH_WIDE = ("model", "refiner", "vae", "refiner_bits", "low_memory", "dtype", "compile", "quiet", "metadata",
-              "models_dir", "embeddings", "embedding_dir")
+BATCH_WIDE = ("model", "refiner", "vae", "refiner_bits", "low_memory", "dtype", "compile", "prediction_type", "quiet",
+              "metadata", "models_dir", "embeddings", "embedding_dir")
 REFUSED = {
     "from_image": "--from is not used by batch; put the settings in the job file",
     "output": "--output is not used by batch; give the folder with --out DIR",
@@ -164,8 +165,13 @@ def resolve_job(opts: GenerateOptions, defaults: Defaults, index: int, options: 
         seeds = cli.resolve_seeds([derived_seed(index, options)] if seeds is None else seeds, args.n_images)
     except cli.CLIError as e:
         raise InputError(str(e)) from None
+    for key in ("prompt", "negative_prompt"):
+        if parse_lora_tags(settings[key])[1]:
+            raise InputError("LoRA tags (<lora:NAME:SCALE>) are not supported by batch yet; run such a job with "
+                             "generate")
     for key in (*MODEL_KEYS, "dtype", "refiner_bits"):
         settings[key] = defaults.settings[key]
+    settings["controls"] = []  # ControlNets are not offered in a batch (refused above, as options batch lacks)
     for key in INPUTS:
         if settings[key] is not None:
             settings[key] = str(Path(settings[key]).expanduser().absolute())

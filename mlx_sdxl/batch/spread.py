@@ -23,11 +23,11 @@ from typing import Dict, List
 import numpy as np
 
 from ..errors import InputError, SDXLError
-from ..metadata import normalize_settings, save_png
+from ..metadata import normalize_settings
 from ..spec import BATCH_LOG
 from .comm import Link, Message, PeerLost, receive
 from .ledger import one_line
-from .local import Batch, TaskQueue, run_queue, save
+from .local import Batch, TaskQueue, run_queue, save, save_from_rank
 from .options import Defaults
 from .tasks import Task
 from .work import JOB_ERRORS, Embeddings, make_image, open_pipeline, rank_stats
@@ -142,7 +142,7 @@ def follow(group, defaults: Defaults, out: Path, prog: str) -> int:
             link.flush()
             return 2
         link.send("ready")
-        _serve(pipe, link, inbox, hello.meta["gather"], out, Embeddings(defaults.args.embedding_dir))
+        _serve(pipe, link, inbox, hello.meta, out, Embeddings(defaults.args.embedding_dir), rank)
         link.send("bye", rank_stats(rank, pipe, "worker"))
         link.flush()
         return 0
@@ -152,7 +152,7 @@ def follow(group, defaults: Defaults, out: Path, prog: str) -> int:
         return 3
 
 
-def _serve(pipe, link: Link, inbox: queue.Queue, gather: bool, out: Path, embeddings: Embeddings) -> None:
+def _serve(pipe, link: Link, inbox: queue.Queue, hello: dict, out: Path, embeddings: Embeddings, rank: int) -> None:
     import mlx.core as mx
 
     while True:
@@ -168,8 +168,8 @@ def _serve(pipe, link: Link, inbox: queue.Queue, gather: bool, out: Path, embedd
             link.send("failed", {"task": task.name, "error": one_line(e)})
             continue
         meta = {"task": task.name, "seconds": time.perf_counter() - t0}
-        if gather:
+        if hello["gather"]:
             link.send("done", dict(meta, record=normalize_settings(record)), [mx.array(np.asarray(image))])
         else:
-            save_png(image, out / task.name, record, overwrite=True)
+            save_from_rank(image, record, out / task.name, hello["run"], rank)
             link.send("done", meta)

@@ -27,11 +27,11 @@ import numpy as np
 
 from .. import cli
 from ..errors import InputError, SDXLError
-from ..metadata import normalize_settings, save_png
+from ..metadata import normalize_settings
 from ..spec import BATCH_STAGES
 from .comm import Link, PeerLost, receive
 from .ledger import one_line
-from .local import Batch, save
+from .local import Batch, save, save_from_rank
 from .options import Defaults
 from .spread import check_shared
 from .tasks import Task
@@ -50,7 +50,7 @@ def parse_stages(text: str) -> str:
 
 
 def _plan(pipe, task: Task):
-    kwargs = cli.generate_kwargs(task.settings, (None, None), task.seed, task_args(task))
+    kwargs = cli.generate_kwargs(task.settings, (None, None, []), task.seed, task_args(task))
     return pipe.plan(**kwargs)
 
 
@@ -165,7 +165,7 @@ def follow_stages(group, defaults: Defaults, out: Path, prog: str) -> int:
             link.flush()
             return 2
         link.send("ready")
-        _serve(pipe, link, inbox, hello.meta["gather"], out, Embeddings(defaults.args.embedding_dir))
+        _serve(pipe, link, inbox, hello.meta, out, Embeddings(defaults.args.embedding_dir), 1)
         link.send("bye", rank_stats(1, pipe, ROLES[1]))
         link.flush()
         return 0
@@ -175,7 +175,7 @@ def follow_stages(group, defaults: Defaults, out: Path, prog: str) -> int:
         return 3
 
 
-def _serve(pipe, link: Link, inbox: queue.Queue, gather: bool, out: Path, embeddings: Embeddings) -> None:
+def _serve(pipe, link: Link, inbox: queue.Queue, hello: dict, out: Path, embeddings: Embeddings, rank: int) -> None:
     """Finish the tasks rank 0 hands over until it says stop."""
     import mlx.core as mx
 
@@ -191,8 +191,8 @@ def _serve(pipe, link: Link, inbox: queue.Queue, gather: bool, out: Path, embedd
             link.send("failed", {"error": one_line(e)})
             continue
         meta = {"seconds": message.meta["seconds"] + time.perf_counter() - t0}
-        if gather:
+        if hello["gather"]:
             link.send("done", dict(meta, record=normalize_settings(record)), [mx.array(np.asarray(image))])
         else:
-            save_png(image, out / task.name, record, overwrite=True)
+            save_from_rank(image, record, out / task.name, hello["run"], rank)
             link.send("done", meta)

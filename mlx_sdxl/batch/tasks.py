@@ -27,6 +27,8 @@ from .options import Defaults, GenerateOptions, resolve_job
 # recorded fields that do not identify an image: the version that wrote it, and what the run
 # found in use (embeddings and LoRAs the prompts named), and the mode, which follows from the inputs
 NOT_IDENTITY = ("version", "embeddings", "loras", "mode")
+# settings a run fills in when the job leaves them to the model (its scheduler config): identified by the model
+RESOLVED_BY_RUN = ("scheduler", "timestep_spacing", "eta")
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,8 @@ def identity(settings: dict, seed: int, pipe, mode: str) -> dict:
     `mode`, less NOT_IDENTITY."""
     size = types.SimpleNamespace(width=settings.get("width"), height=settings.get("height"))
     recorded = normalize_settings(cli.record(settings, pipe, mode, seed, size))
-    out = {k: v for k, v in recorded.items() if k not in NOT_IDENTITY}
+    out = {k: v for k, v in recorded.items()
+           if k not in NOT_IDENTITY and not (k in RESOLVED_BY_RUN and settings.get(k) is None)}
     if settings.get("image") is not None and settings.get("width") is None:  # the input image's own size
         out.pop("width", None)
         out.pop("height", None)

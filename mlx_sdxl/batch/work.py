@@ -32,7 +32,8 @@ def open_pipeline(defaults: Defaults):
     s = defaults.settings
     pipe = SDXLPipeline.from_pretrained(s["model"], s["refiner"], dtype=getattr(mx, s["dtype"]),
                                         refiner_bits=s["refiner_bits"], low_memory=bool(s["low_memory"]),
-                                        vae=s["vae"], compile=bool(defaults.args.compile))
+                                        vae=s["vae"], compile=bool(defaults.args.compile),
+                                        prediction_type=s["prediction_type"])
     for path in defaults.args.embeddings:
         pipe.load_embedding(path)
     return pipe
@@ -61,10 +62,12 @@ def task_args(task: Task) -> argparse.Namespace:
 
 
 def task_inputs(task: Task) -> tuple:
-    """The job's --image and --mask, opened and checked (Nones when not given)."""
+    """What `cli.generate_kwargs` takes as inputs: the job's --image and --mask, opened and checked
+    (Nones when not given), and its ControlNets (none in a batch)."""
     args = task_args(task)
-    return tuple(cli.open_image(task.settings[key], args.max_megapixels, f"--{key}") if task.settings[key] else None
-                 for key in ("image", "mask"))
+    images = [cli.open_image(task.settings[key], args.max_megapixels, f"--{key}") if task.settings[key] else None
+              for key in ("image", "mask")]
+    return (*images, [])
 
 
 def make_image(pipe, task: Task, embeddings: Embeddings, callback: Optional[Callable] = None) -> Tuple[object, dict]:

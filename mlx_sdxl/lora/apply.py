@@ -25,7 +25,7 @@ from .deltas import low_rank, mlx_delta
 from .formats import LayerWeights
 
 Signature = Tuple[Tuple[str, float], ...]      # the (adapter name, scale) pairs a layer holds, in order
-Originals = Callable[[List[str]], Dict[str, mx.array]]  # module paths -> their weights as loaded
+Originals = Callable[[List[str]], Dict[str, mx.array]]  # module paths -> their weights as loaded (lazy)
 EVAL_BYTES = 256 * 1024 * 1024                  # new weights evaluated in batches of about this size
 
 
@@ -85,11 +85,20 @@ def is_quantized(layer) -> bool:
 
 
 def fused_weight(w0: mx.array, items: Sequence[Tuple[LayerWeights, object, float]]) -> mx.array:
-    """W0 + Σ scale · ΔW, summed in float32, in W0's dtype."""
-    acc = w0.astype(mx.float32)
+    """W0 + Σ scale · ΔW, summed in float32, in W0's dtype (lazily). LoRA factors go through one
+    `addmm` each (W += s · up @ down, no dense ΔW is made); LoHa / LoKr add their dense delta. With
+    no other reference to W0, MLX writes the float32 result into W0's own buffer (donation), so
+    fusing allocates no new weight memory."""
+    shape, dtype = w0.shape, w0.dtype
+    acc = w0.astype(mx.float32).reshape(shape[0], -1)
+    del w0  # the caller holds no reference either: the buffer can be donated
     for layer, target, scale in items:
-        acc = acc + scale * mlx_delta(layer, target)
-    return acc.astype(w0.dtype)
+        if layer.kind == "lora":
+            down, up = low_rank(layer, target)
+            acc = mx.addmm(acc, up, down.reshape(down.shape[0], -1), alpha=scale)
+        else:
+            acc = acc + scale * mlx_delta(layer, target).reshape(shape[0], -1)
+    return acc.reshape(shape).astype(dtype)
 
 
 def side_path(layer, items: Sequence[Tuple[LayerWeights, object, float]]) -> Optional[SidePath]:
@@ -145,9 +154,12 @@ def apply_adapters(model: nn.Module, actives: Sequence[Active], applied: Dict[st
         if is_quantized(layer):
             layer.side = side_path(layer, items)
             continue
-        w0 = base.pop(path, None)
-        w0 = layer.weight if w0 is None else w0
-        layer.weight = fused_weight(w0, items) if items else w0
+        original = base.pop(path, None)
+        if original is None and items:
+            layer.weight = fused_weight(layer.weight, items)  # no other reference to the old weight
+        elif original is not None:
+            layer.weight = fused_weight(original, items) if items else original
+        original = None
         pending.append(layer.weight)
         size += layer.weight.nbytes
         if size >= EVAL_BYTES:

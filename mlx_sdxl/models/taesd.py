@@ -164,6 +164,7 @@ def taesd_from_weights(config, weights: Mapping[str, mx.array], dtype=None) -> A
     model = AutoencoderTiny(cfg)
     apply_weights(model, torch_to_mlx(weights), "TAESD (AutoencoderTiny)", dtype=parse_dtype(dtype))
     model.eval()
+    mx.eval(model.parameters())  # small: read now, so any thread can use it (lazy arrays belong to their thread)
     return model
 
 

@@ -202,12 +202,11 @@ class ModelCache:
         self._compiled.pop(id(model), None)  # a compiled forward holds side paths as constants
 
     def _originals(self, source: ModelSource, part: str):
-        """Reads layers' weights as loaded, from the model's source (a fresh lazy load; only the
-        asked-for tensors are read)."""
+        """Layers' weights as loaded, from the model's source: a fresh lazy load, of which only the
+        asked-for tensors are kept (unevaluated: they are read as the adapters are applied, a batch
+        of layers at a time)."""
         def read(paths: List[str]) -> Dict[str, mx.array]:
             fresh = dict(tree_flatten(source.load(part, self.dtype).parameters()))
-            out = {p: fresh[p + ".weight"] for p in paths}
-            mx.eval(list(out.values()))
-            return out
+            return {p: fresh[p + ".weight"] for p in paths}
 
         return read

@@ -46,7 +46,8 @@ _CLASSES = {cls.name: cls for cls in (
     DDIMScheduler, EulerKarrasScheduler, DPMSolverSDEScheduler, DPMSolverSDEKarrasScheduler,
     UniPCMultistepScheduler, LCMScheduler, TCDScheduler)}
 SCHEDULERS = tuple(_CLASSES)
-STOCHASTIC = ("euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "lcm", "tcd")  # tcd only with eta > 0
+# the samplers that add fresh noise (tcd's `stochastic` is a property: only with eta > 0)
+STOCHASTIC = tuple(name for name, cls in _CLASSES.items() if cls.stochastic is not False)
 OPTIONS = ("timestep_spacing", "prediction_type", "eta")
 
 _ALIASES = {

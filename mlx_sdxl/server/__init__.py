@@ -8,7 +8,7 @@
 - `service.py`, `worker.py`: the parts together; one FIFO queue and the thread that owns the models
 - `models.py`, `folders.py`: the pipeline, checkpoints, LoRAs and embeddings, names resolved in folders
 - `jobs.py`, `state.py`, `previews.py`: running a job, progress, interrupt/skip, previews
-- `samplers.py`, `encoding.py`, `resize.py`, `responses.py`, `outputs.py`: names, images, responses, saving
+- `samplers.py`, `encoding.py`, `responses.py`, `outputs.py`: sampler names, images in and out, responses, saving
 - `static/`: the page (plain HTML, CSS and JavaScript)
 
 FastAPI and uvicorn come with the `server` extra; nothing here imports them at package import.

@@ -64,7 +64,10 @@ def info_routes(service: Service) -> APIRouter:
     # every listing is read afresh from its folder, so a refresh has nothing to do
     router.add_api_route("/refresh-checkpoints", lambda: None, methods=["POST"])
     router.add_api_route("/refresh-loras", lambda: None, methods=["POST"])
-    router.add_api_route("/options", lambda: _options(service), methods=["GET"])
+
+    @router.get("/options")
+    async def options():  # on the event loop: no file or model work, so it answers at once under load
+        return _options(service)
 
     @router.post("/options")
     async def set_options(body: Dict[str, Any], request: Request):

@@ -3,7 +3,8 @@ size, CORS) and the mapping of errors to HTTP statuses:
 
 - a bad field: 422 with FastAPI's shape, `{"detail": [{"loc": ["body", FIELD], "msg": ...}]}`;
 - a checkpoint name not in its folder: 404; bad input found while generating: 422;
-- a full queue or a server that is stopping: 503; a body over --max-body-mb: 413.
+- a full queue or a server that is stopping: 503; a body over --max-body-mb: 413;
+- anything else: 500 with the error's type and message.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(CancelledError)
     async def cancelled(request: Request, e: CancelledError):
         return JSONResponse({"detail": "the server is shutting down; the request was not run"}, 503)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, e: Exception):  # a bug or a machine fault: say what, as JSON
+        return JSONResponse({"detail": f"the server failed: {e.__class__.__name__}: {e}"}, 500)
 
 
 def _page(app: FastAPI) -> None:

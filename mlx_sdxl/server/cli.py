@@ -36,7 +36,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                                                              "model; none with a custom --model)")
     m.add_argument("--vae", metavar="PATH", help="a replacement VAE (e.g. the fp16-fix VAE)")
     m.add_argument("--models-dir", metavar="DIR", help="checkpoints clients may switch to (sd_model_checkpoint)")
-    m.add_argument("--lora-dir", metavar="DIR", help="LoRA .safetensors files listed by /sdapi/v1/loras")
+    m.add_argument("--lora-dir", metavar="DIR", help="LoRAs that <lora:NAME:SCALE> prompt tags load (.safetensors, "
+                                                     "searched recursively; listed by /sdapi/v1/loras)")
     m.add_argument("--embedding-dir", metavar="DIR", help="SDXL textual-inversion embeddings, all loaded")
     m.add_argument("--taesd", metavar="ID|PATH", help="TAESDXL for live previews (default: madebyollin/taesdxl if it "
                                                       "is in the local hub cache, else a linear latent preview)")

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from ..lora.tags import strip_lora_tags
+from ..metadata import attach_metadata
 from ..pipeline.images import to_pil
 from ..spec import DECODE
 from .encoding import png_base64
@@ -68,28 +70,51 @@ class StepTracker:
 
 def _generate(pipe, spec: Spec, seeds, tracker: StepTracker, options: dict):
     common = dict(seed=list(seeds), num_images_per_prompt=len(seeds), num_inference_steps=spec.steps,
-                  guidance_scale=spec.cfg_scale, scheduler=spec.sampler, callback=tracker, **options)
+                  guidance_scale=spec.cfg_scale, scheduler=spec.sampler, callback=tracker,
+                  high_noise_frac=spec.choice.high_noise_frac, width=spec.width, height=spec.height, **options)
     if spec.kind == "img2img":
-        return pipe.generate(spec.prompt, spec.negative_prompt or None, image=spec.image, strength=spec.strength,
-                             **common)
-    return pipe.generate(spec.prompt, spec.negative_prompt or None, width=spec.width, height=spec.height,
-                         high_noise_frac=spec.choice.high_noise_frac, **common)
+        common.update(image=spec.image, strength=spec.strength, resize=spec.resize)
+        if spec.mask is not None:
+            common.update(mask_image=spec.mask, mask_blur=spec.mask_blur, padding_mask_crop=spec.padding_mask_crop)
+    # <lora:...> tags never reach the text encoders; the images record the prompt as written
+    return pipe.generate(strip_lora_tags(spec.prompt), strip_lora_tags(spec.negative_prompt) or None, **common)
 
 
-def _finish(pipe, result, decoders: Decoders, taesd: bool, metadata: str) -> list:
+def apply_loras(pipe, loras) -> None:
+    """Make the pipeline's LoRAs exactly the request's (name, path, scale) list: those no longer
+    asked for come off, new ones are loaded, changed scales are set. Kept loaded between requests."""
+    wanted = {name: (path, scale) for name, path, scale in loras}
+    for name in list(pipe.loras):
+        if name not in wanted:
+            pipe.unload_lora(name)
+    loaded = pipe.loras
+    for name, (path, scale) in wanted.items():
+        if name not in loaded:
+            pipe.load_lora(path, scale, name=name)
+        elif loaded[name] != scale:
+            pipe.set_lora_scale(name, scale)
+
+
+def _as_written(spec: Spec, settings: list, metadata: str, **extra) -> Optional[list]:
+    if metadata == "none":
+        return None
+    return [dict(s, prompt=spec.prompt, negative_prompt=spec.negative_prompt or None, **extra) for s in settings]
+
+
+def _finish(spec: Spec, result, decoders: Decoders, taesd: bool, metadata: str) -> list:
     if not taesd:
-        return list(result.images)
-    settings = [dict(s, vae_decoder="taesd") for s in result.settings]
-    return to_pil(decoders.decode(result.images), None if metadata == "none" else settings)
+        settings = _as_written(spec, result.settings, metadata)
+        return [attach_metadata(im, s) for im, s in zip(result.images, settings)] if settings else result.images
+    return to_pil(decoders.decode(result.images), _as_written(spec, result.settings, metadata, vae_decoder="taesd"))
 
 
-def _partial(pipe, result, tracker: StepTracker, decoders: Decoders, taesd: bool, metadata: str) -> list:
+def _partial(spec: Spec, pipe, result, tracker: StepTracker, decoders: Decoders, taesd: bool, metadata: str) -> list:
     latents = tracker.partial()
     if latents is None:
         return []
     pixels = decoders.decode(latents) if taesd else pipe.decode_latents(latents)
-    settings = [dict(s, interrupted_at=f"{tracker.done}/{tracker.total}") for s in result.settings]
-    return to_pil(pixels, None if metadata == "none" else settings)
+    return to_pil(pixels, _as_written(spec, result.settings, metadata,
+                                      interrupted_at=f"{tracker.done}/{tracker.total}"))
 
 
 def run_generation(spec: Spec, pipe, state: ServerState, decoders: Decoders, *, taesd: bool, metadata: str,
@@ -102,6 +127,7 @@ def run_generation(spec: Spec, pipe, state: ServerState, decoders: Decoders, *, 
     first = spec.steps - spec.steps_per_iteration  # img2img starts part-way into the schedule
     state.begin(spec.kind, spec.n_iter, spec.steps_per_iteration)
     try:
+        apply_loras(pipe, spec.loras)
         for k in range(spec.n_iter):
             if state.interrupted:
                 break
@@ -111,10 +137,10 @@ def run_generation(spec: Spec, pipe, state: ServerState, decoders: Decoders, *, 
                                   first, spec.steps_per_iteration)
             result = _generate(pipe, spec, seeds, tracker, options)
             if result.cancelled:
-                images = _partial(pipe, result, tracker, decoders, taesd, metadata)
+                images = _partial(spec, pipe, result, tracker, decoders, taesd, metadata)
                 out.stopped_at = tracker.done
             else:
-                images = _finish(pipe, result, decoders, taesd, metadata)
+                images = _finish(spec, result, decoders, taesd, metadata)
             out.images += images
             out.seeds += list(seeds[:len(images)])
         out.interrupted, out.interrupt_step = state.interrupted, state.interrupt_step

@@ -37,19 +37,17 @@ class Schedule:
 
 
 class Decoders:
-    """TAESDXL (loaded once, on first use, when available) and the linear fallback."""
+    """TAESDXL (loaded once, at start, when available) and the linear fallback."""
 
     def __init__(self, taesd_spec: Optional[str]):
         self.spec = taesd_spec
         self._taesd = None
-        self._tried = False
         self.error: Optional[str] = None
 
     def load(self) -> None:
         """Load TAESDXL now: the named one (errors raise), or the hub cache's, if it holds it."""
         from ..models.taesd import TAESDXL_ID, WEIGHT_STEM, load_taesd
 
-        self._tried = True
         if self.spec is not None:
             self._taesd = load_taesd(self.spec)
             return
@@ -64,8 +62,7 @@ class Decoders:
 
     @property
     def taesd(self):
-        if not self._tried:
-            self.load()
+        """TAESDXL, or None; `load()` must have run (the service does it at start)."""
         return self._taesd
 
     @property

@@ -5,22 +5,25 @@ NotInFolder (a 404, as A1111)."""
 
 from __future__ import annotations
 
-import re
 import secrets
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from ..errors import SDXLError
+from ..lora.tags import parse_lora_tags
 from ..schedulers import img2img_start
 from ..spec import DEFAULT_GUIDANCE, DEFAULT_SIDE, DEFAULT_STEPS, MAX_SEED, SIZE_MULTIPLE
 from .config import Limits
 from .encoding import read_image
+from .folders import find, list_entries
 from .models import Choice, ModelManager
-from .resize import RESIZE_MODES, fit_image
 from .samplers import SamplerError, a1111_name, resolve
 from .schemas import IGNORED_IF_SET, Img2ImgRequest, Txt2ImgRequest
 
-LORA_TAG = re.compile(r"<(?:lora|lyco):[^>]*>", re.IGNORECASE)
+# A1111's resize_mode → the pipeline's resize: just resize, crop and resize, resize and fill,
+# just resize (latent upscale; done as just resize)
+RESIZE = {0: "stretch", 1: "crop", 2: "fit", 3: "stretch"}
+INPAINTING_FILL = ("fill", "original", "latent noise", "latent nothing")
 
 
 class FieldError(SDXLError):
@@ -47,6 +50,11 @@ class Spec:
     choice: Choice
     image: object = None            # img2img: a PIL image
     strength: Optional[float] = None
+    mask: object = None             # inpainting: a PIL "L" image, white = repaint
+    mask_blur: float = 0.0
+    padding_mask_crop: Optional[int] = None
+    resize: str = "stretch"
+    loras: Tuple[Tuple[str, str, float], ...] = ()   # (name, path, scale) from <lora:NAME:SCALE> tags
     notes: Tuple[str, ...] = ()
     styles: Tuple[str, ...] = ()
     send_images: bool = True
@@ -100,11 +108,26 @@ def _check_unsupported(req: Txt2ImgRequest) -> None:
     if req.alwayson_scripts:
         raise FieldError("alwayson_scripts", f"always-on scripts are not supported (got "
                                              f"{', '.join(map(str, req.alwayson_scripts))}); accepted: {{}}")
-    for field in ("prompt", "negative_prompt"):
-        tag = LORA_TAG.search(getattr(req, field))
-        if tag:
-            raise FieldError(field, f"{tag.group(0)}: LoRA is not supported by this version of mlx_sdxl yet; "
-                                    "remove the <lora:...> tag")
+
+
+def _loras(req: Txt2ImgRequest, models: ModelManager) -> Tuple[Tuple[str, str, float], ...]:
+    """The prompt's <lora:NAME:SCALE> tags, each NAME looked up only in --lora-dir (NotInFolder: 404)."""
+    tags = {}
+    for field in ("negative_prompt", "prompt"):  # tags in the negative prompt are checked, not loaded (A1111)
+        try:
+            found = parse_lora_tags(getattr(req, field))[1]
+        except SDXLError as e:
+            raise FieldError(field, str(e)) from None
+        if field == "prompt":
+            tags = {tag.name: tag for tag in found}  # a LoRA tagged twice keeps its last scale
+    folder = models.config.lora_dir
+    entries = list_entries(folder)
+    where = "--lora-dir" if folder else "the server (no --lora-dir was given)"
+    out = []
+    for tag in tags.values():
+        entry = find(entries, tag.name, "LoRA", where)
+        out.append((entry.title, str(entry.path), tag.scale))
+    return tuple(out)
 
 
 def _notes(req: Txt2ImgRequest) -> Tuple[str, ...]:
@@ -139,36 +162,55 @@ def txt2img_spec(req: Txt2ImgRequest, limits: Limits, models: ModelManager, kind
     return Spec(kind, req.prompt, req.negative_prompt, _sampler(req), steps,
                 DEFAULT_GUIDANCE if req.cfg_scale is None else req.cfg_scale, width, height,
                 _seeds(req.seed, req.batch_size * req.n_iter), req.batch_size, req.n_iter, _choice(req, models),
-                notes=notes, styles=tuple(req.styles or ()), send_images=req.send_images, **extra)
+                loras=_loras(req, models), notes=notes, styles=tuple(req.styles or ()), send_images=req.send_images,
+                **extra)
+
+
+def _picture(data: str, field: str, limits: Limits):
+    try:
+        return read_image(data, field, limits.max_megapixels)
+    except SDXLError as e:
+        raise FieldError(field.split("[")[0], str(e)) from None
+
+
+def _inpainting(req: Img2ImgRequest, limits: Limits) -> dict:
+    """The mask and its options, as the pipeline takes them (nothing without a mask)."""
+    if not req.mask:
+        return {}
+    from PIL import ImageOps
+
+    mask = _picture(req.mask, "mask", limits).convert("L")
+    if req.inpainting_mask_invert:
+        mask = ImageOps.invert(mask)
+    blur = 4.0 if req.mask_blur is None else float(req.mask_blur)
+    if not 0 <= blur <= 256:
+        raise FieldError("mask_blur", f"mask_blur must be in [0, 256] pixels, got {req.mask_blur}")
+    notes = () if req.inpainting_fill == 1 else (
+        f"inpainting_fill {req.inpainting_fill} ({INPAINTING_FILL[req.inpainting_fill]}) is not supported: the "
+        "masked area starts from the original picture (1, original)",)
+    return dict(mask=mask, mask_blur=blur, notes=notes,
+                padding_mask_crop=req.inpaint_full_res_padding if req.inpaint_full_res else None)
 
 
 def img2img_spec(req: Img2ImgRequest, limits: Limits, models: ModelManager) -> Spec:
-    if req.mask:
-        raise FieldError("mask", "inpainting is not supported yet: send no mask (plain img2img, the whole picture "
-                                 "re-done at denoising_strength, works)")
+    """img2img, and inpainting when a mask is given. With width and height the picture is
+    brought to that size by `resize_mode`; without, it keeps its own size."""
     if not req.init_images:
         raise FieldError("init_images", "img2img needs one input picture: init_images = [base64 PNG or JPEG]")
+    if (req.width is None) != (req.height is None):
+        raise FieldError("width" if req.width is None else "height",
+                         "give both width and height to resize the input picture, or neither to keep its size")
     steps = DEFAULT_STEPS if req.steps is None else req.steps
     try:
         img2img_start(steps, req.denoising_strength)
     except SDXLError as e:
         raise FieldError("denoising_strength", str(e)) from None
-    try:
-        image = read_image(req.init_images[0], "init_images[0]", limits.max_megapixels)
-    except SDXLError as e:
-        raise FieldError("init_images", str(e)) from None
+    image = _picture(req.init_images[0], "init_images[0]", limits)
+    inpaint = _inpainting(req, limits)
     notes = ["only the first of init_images is used"] if len(req.init_images) > 1 else []
-    notes += ["img2img runs on the refiner when one is loaded, else on the base; refiner_checkpoint and "
-              "refiner_switch_at do not apply"] if req.refiner_checkpoint or req.refiner_switch_at else []
-    spec = txt2img_spec(req, limits, models, "img2img", image=image, strength=req.denoising_strength, notes=notes)
-    if spec.width is not None:
-        image = fit_image(image, spec.width, spec.height, req.resize_mode)
-        spec = _replace(spec, image=image, notes=spec.notes + ((f"resize_mode {req.resize_mode} is done as "
-                                                                f"{RESIZE_MODES[0]}",) if req.resize_mode == 3 else ()))
-    return spec
+    notes += list(inpaint.pop("notes", ()))
+    if req.resize_mode == 3:
+        notes.append("resize_mode 3 (latent upscale) is done as 0 (just resize)")
+    return txt2img_spec(req, limits, models, "img2img", image=image, strength=req.denoising_strength,
+                        resize=RESIZE[req.resize_mode], notes=notes, **inpaint)
 
-
-def _replace(spec: Spec, **changes) -> Spec:
-    from dataclasses import replace
-
-    return replace(spec, **changes)

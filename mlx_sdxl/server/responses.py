@@ -12,11 +12,11 @@ from .requests import Spec
 
 def info_json(spec: Spec, out: Outcome) -> str:
     """`info`: a JSON string with the seeds, all_seeds and A1111 infotexts of the images returned."""
-    seeds = out.seeds or list(spec.seeds)
+    seeds = out.seeds  # of the images returned (an interrupt can leave fewer than asked for)
     info = {
         "prompt": spec.prompt, "all_prompts": [spec.prompt] * len(seeds),
         "negative_prompt": spec.negative_prompt, "all_negative_prompts": [spec.negative_prompt] * len(seeds),
-        "seed": seeds[0] if seeds else None, "all_seeds": seeds,
+        "seed": (seeds or spec.seeds)[0], "all_seeds": seeds,
         "subseed": -1, "all_subseeds": [-1] * len(seeds), "subseed_strength": 0,
         "width": spec.width if spec.width is not None else (out.images[0].width if out.images else None),
         "height": spec.height if spec.height is not None else (out.images[0].height if out.images else None),

@@ -25,8 +25,8 @@ class Service:
         self.models = ModelManager(config)  # reads configs only: a wrong --model fails here, before serving
 
     def start(self) -> None:
-        if self.config.models.taesd is not None or self.config.models.vae_decoder == "taesd":
-            self.decoders.load()  # a named TAESD that does not load fails at start
+        self.decoders.load()  # here, in the main thread: a named TAESD that does not load fails at start
+        if self.config.models.vae_decoder == "taesd":
             if self.decoders.taesd is None:
                 from ..errors import WeightsError
                 from ..models.taesd import TAESDXL_ID
