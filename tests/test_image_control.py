@@ -376,3 +376,18 @@ def test_cli_controlnet_matches_the_api_and_replays(tiny_sdxl, controlnets, tmp_
         np.testing.assert_array_equal(np.asarray(im), made)
     rc, _, err = run(*argv[:-2], "-o", tmp_path / "x.png")
     assert rc == 2 and "one control image per ControlNet" in err
+
+
+def test_controlnet_bits_quantize_the_controlnet(tiny_sdxl, controlnets):
+    from mlx_sdxl import Control
+    from mlx_sdxl.quantize import quantization_info
+
+    latent = dict(latents=_noise(24), num_inference_steps=6, width=64, height=64, output_type="latent",
+                  control=[Control("cn", _edges(25), 1.0)])
+    outs = {}
+    for bits in (None, 8):
+        pipe = SDXLPipeline.from_pretrained(tiny_sdxl[0], dtype=mx.float32, controlnet_bits=bits, group_size=32)
+        pipe.load_controlnet(controlnets[1][0], name="cn")
+        assert bool(quantization_info(pipe.controlnets.nets["cn"])) == (bits is not None)
+        outs[bits] = np.array(pipe.generate(PROMPT, **latent).images)
+    assert 0 < rel_l2(outs[8], outs[None]) < 0.05  # 8 bits: close to dense, not equal
