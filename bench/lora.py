@@ -165,7 +165,6 @@ def measure_side(config: dict, a) -> dict:
                                    (toggle(True), _step(model, kv, "side", args[2]))], args, a.repeats, a.warmup)
     out = {"side_layers": len(layers), "side_bytes": sum(s.nbytes for s in sides),
            f"q{a.bits}_plain": q_plain, f"q{a.bits}_lora_side": q_side}
-    del model, layers, sides
     kv.clear()
     cache.release(source, "unet")
     free()

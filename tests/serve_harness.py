@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import threading
 import time
 
@@ -18,6 +17,7 @@ import uvicorn
 
 from mlx_sdxl.server.app import create_app
 from mlx_sdxl.server.config import Limits, ModelOptions, ServerConfig
+from mlx_sdxl.server.net import listening_socket
 from mlx_sdxl.server.service import Service
 
 TINY = dict(width=64, height=64)
@@ -27,9 +27,7 @@ class RunningServer:
     def __init__(self, config: ServerConfig):
         self.service = Service(config)
         self.service.start()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
+        sock = listening_socket("127.0.0.1", 0)   # the server's own socket code, on a free loopback port
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(create_app(self.service), log_level="warning"))

@@ -6,10 +6,12 @@ import contextlib
 import io
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -247,7 +249,7 @@ def test_fail_fast_stops_at_the_first_failure(models, tmp_path):
     assert (end["status"], end["done"], end["failed"], end["left"]) == ("stopped", 1, 1, 1)
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "seed": 1}\n{"prompt": \n')
     rc, stdout, stderr = run(tmp_path / "bad.jsonl", "--out", tmp_path / "o2", "--fail-fast", *models, *DEFAULTS)
-    assert rc == 1 and stdout == "" and "job 2 (line 2) cannot be read" in stderr  # stops before any image
+    assert rc == 1 and stdout == "" and "stopping: --fail-fast: job 2 (line 2) failed" in stderr  # before any image
 
 
 def test_a_prompt_list_gets_stable_seeds(models, tmp_path):
@@ -275,10 +277,13 @@ def test_sigint_after_the_fourth_image_then_a_rerun_makes_exactly_the_rest(batch
     argv = [sys.executable, "-m", "mlx_sdxl.cli", "batch", str(jobs), "--out", "out", *models, *DEFAULTS]
     proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in iter(proc.stdout.readline, "")], daemon=True).start()
     try:
-        written = [proc.stdout.readline() for _ in range(4)]
+        written = [lines.get(timeout=120) for _ in range(4)]  # the 4th image's path: it is written
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+        stderr = proc.stderr.read()
     finally:
         proc.kill()
     out = tmp_path / "out"

@@ -26,7 +26,7 @@ DEFAULTS = ["--width", "64", "--height", "64", "--dtype", "float32", "--steps", 
 JOBS = [{"prompt": p, "seed": s} for s, p in enumerate(
     ["a photo of a red cat", "a dog", "a green tree in snow", "an astronaut riding a horse", "a red car",
      "the horse on mars", "a cat in snow", "an ugly tree"], 1)]
-JOBS[0]["steps"] = 20  # one slow job: whoever makes it, the other ranks make the rest meanwhile
+JOBS[0]["steps"] = 30  # one slow job: whoever makes it, the other ranks make the rest meanwhile
 FIRST = 5  # the data-parallel tests run the first 5 jobs
 LAUNCH = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()"]
 TIMEOUT = 150
@@ -168,6 +168,7 @@ def _rank_pid(launcher_pid, rank):
     return None
 
 
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process in /proc")
 def test_a_killed_rank_stops_the_others_and_a_rerun_resumes(setup, tmp_path):
     work, _, flags = setup
     jobs, out = work / "first.jsonl", tmp_path / "out"
@@ -217,5 +218,5 @@ def test_stage_parallel_is_bit_equal_and_each_rank_holds_only_its_models(setup, 
     print(f"\n8 jobs, stage-parallel on 2 ranks: {end['seconds']:.2f} s in the batch ({wall:.2f} s with start-up); "
           f"one process: {one['seconds']:.2f} s; peak RSS rank 0 {rank0['peak_rss_bytes'] / 2**20:.0f} MiB "
           f"(weights {rank0['weights_bytes'] / 2**20:.1f} MiB), rank 1 {rank1['peak_rss_bytes'] / 2**20:.0f} MiB "
-          f"(weights {rank1['weights_bytes'] / 2**20:.1f} MiB); one process weights "
-          f"{one['ranks'][0]['weights_bytes'] / 2**20:.1f} MiB, peak RSS {one['ranks'][0]['peak_rss_bytes'] / 2**20:.0f} MiB")
+          f"(weights {rank1['weights_bytes'] / 2**20:.1f} MiB); one process's weights "
+          f"{one['ranks'][0]['weights_bytes'] / 2**20:.1f} MiB")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mlx_sdxl import SDXLPipeline
-from mlx_sdxl.errors import InputError, SDXLError, WeightsError
+from mlx_sdxl.errors import InputError, WeightsError
 
 from lora_files import (ATTENTION, CONVS, kohya_file, lycoris_deltas, lycoris_file, merge_deltas,
                         old_diffusers_file, peft_file)

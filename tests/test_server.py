@@ -125,6 +125,7 @@ def test_random_seed_refiner_and_model_override(client):
     r = client.post("/sdapi/v1/txt2img", json=dict(TINY, prompt="a red car", steps=5, seed=-1))
     info = info_of(r)
     assert 0 <= info["seed"] <= 2**32 - 1 and "Refiner: refiner" in info["infotexts"][0]
+    assert info["sampler_name"] == "Euler"     # no sampler named: the model's own (its config names Euler)
     alone = client.post("/sdapi/v1/txt2img", json=dict(FAST, prompt="a red car", seed=7,
                                                        override_settings={"sd_model_checkpoint": "other"}))
     assert "Model: other" in info_of(alone)["infotexts"][0] and "Refiner" not in info_of(alone)["infotexts"][0]

@@ -1,6 +1,7 @@
 """`mlx-sdxl serve` on the command line: help, flag errors before anything loads, the warning
 when listening beyond this machine without --api-auth, and a missing `server` extra."""
 
+import socket
 import sys
 
 import pytest
@@ -51,8 +52,10 @@ def test_serve_warns_beyond_loopback_and_stops_cleanly(tiny_sdxl, monkeypatch):
 
     seen = {}
 
-    def run(self):
-        seen["host"], seen["port"] = self.config.host, self.config.port
+    def run(self, sockets):  # the socket is bound, not listening: nothing can connect
+        seen["host"], seen["nodelay"] = self.config.host, sockets[0].getsockopt(socket.IPPROTO_TCP,
+                                                                                  socket.TCP_NODELAY)
+        seen["port"] = sockets[0].getsockname()[1]
         self.handle_exit(2, None)  # Ctrl-C: the worker is closed and jobs stop at their next step
 
     monkeypatch.setattr(uvicorn.Server, "run", run)
@@ -61,8 +64,8 @@ def test_serve_warns_beyond_loopback_and_stops_cleanly(tiny_sdxl, monkeypatch):
          "--dtype", "float32"])
     lines = []
     serve_cli.serve(serve_cli.make_config(args), "a1111", log=lines.append)
-    assert seen == {"host": "0.0.0.0", "port": 7999}
-    assert "without --api-auth" in lines[0] and "http://0.0.0.0:7999/" in lines[1]
+    assert seen["host"] == "0.0.0.0" and seen["nodelay"] and seen["port"] > 0
+    assert "without --api-auth" in lines[0] and f"http://0.0.0.0:{seen['port']}/" in lines[1]
     assert "previews linear" in lines[1] and "refiner refiner" in lines[1]
 
 

@@ -21,8 +21,10 @@ BASE_ONLY = dict(TINY, refiner_checkpoint="None")
 @pytest.fixture(scope="module")
 def server(tiny_sdxl):
     srv = RunningServer(make_config(tiny_sdxl[0], tiny_sdxl[1]))
-    with httpx.Client(base_url=srv.url, timeout=60, trust_env=False) as c:  # load the weights before anything is timed
-        c.post("/sdapi/v1/txt2img", json=dict(TINY, prompt="warm up", steps=5, seed=0))
+    with httpx.Client(base_url=srv.url, timeout=60, trust_env=False) as c:  # nothing timed pays a first-use cost:
+        c.post("/sdapi/v1/txt2img", json=dict(TINY, prompt="warm up", steps=5, seed=0))  # the weights load,
+        c.get("/sdapi/v1/progress")                                                      # and each route
+        c.get("/sdapi/v1/options")                                                       # answers once
     yield srv
     srv.stop()
 

@@ -130,7 +130,7 @@ def _run(args, rest: List[str], argv: List[str], prog: str, ranks: list) -> int:
     inbox: queue.Queue = queue.Queue()
     links = {r: Link(group, r, inbox, always=not stages) for r in range(1, size)}
     try:
-        return _lead(args, defaults, argv, prog, out, (group, links, inbox, stages))
+        return _lead(args, defaults, argv, prog, out, (links, inbox, stages))
     except (SDXLError, OSError) as e:  # rank 0 could not start: the other ranks are told, then stop
         for link in links.values():
             link.send("abort", {"error": one_line(e)})
@@ -152,7 +152,7 @@ def _prepare(args, defaults, out: Path):
 
 
 def _lead(args, defaults, argv: List[str], prog: str, out: Path, distributed) -> int:
-    group, links, inbox, stages = distributed
+    links, inbox, stages = distributed
     jobs, pipe, tasks, bad, made, pending = _prepare(args, defaults, out)
     progress = BatchProgress(len(pending), quiet=bool(defaults.args.quiet))
     run = secrets.token_hex(6)
@@ -166,14 +166,14 @@ def _lead(args, defaults, argv: List[str], prog: str, out: Path, distributed) ->
     for task in made:
         ledger.image_skipped(task)
     if bad and args.fail_fast:
-        ledger.stop(f"--fail-fast: job {bad[0][0].index} (line {bad[0][0].line}) cannot be read")
+        ledger.stop(f"--fail-fast: job {bad[0][0].index} (line {bad[0][0].line}) failed")
         pending = []
     ranks, status = [], "interrupted"
     try:
         if stages:
-            ranks = lead_stages(group, pipe, pending, batch, links[1], inbox)
+            ranks = lead_stages(pipe, pending, batch, links[1], inbox)
         elif links:
-            ranks = lead(group, pipe, pending, batch, links, inbox)
+            ranks = lead(pipe, pending, batch, links, inbox)
         else:
             run_queue(pipe, TaskQueue(pending), batch)
         status = "stopped" if ledger.stopped else "complete"

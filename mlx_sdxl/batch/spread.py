@@ -34,8 +34,8 @@ from .work import JOB_ERRORS, Embeddings, make_image, open_pipeline, rank_stats
 
 
 # ---------------------------------------------------------------- rank 0
-def lead(group, pipe, pending: List[Task], batch: Batch, links: Dict[int, Link], inbox: queue.Queue) -> List[dict]:
-    """Run `pending` over every rank of `group` (`links`: to ranks 1, 2, ..., listening always, into
+def lead(pipe, pending: List[Task], batch: Batch, links: Dict[int, Link], inbox: queue.Queue) -> List[dict]:
+    """Run `pending` here and on the other ranks (`links`: to ranks 1, 2, ..., listening always, into
     `inbox`); the other ranks' stats (models, memory)."""
     for link in links.values():
         link.send("hello", {"run": batch.run, "gather": batch.gather})

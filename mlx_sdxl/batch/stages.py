@@ -95,7 +95,7 @@ def _collect(link: Link, inbox: queue.Queue, waiting: Deque[Task], batch: Batch)
             batch.ledger.stop(f"--fail-fast: {task.where} failed")
 
 
-def lead_stages(group, pipe, pending: List[Task], batch: Batch, link: Link, inbox: queue.Queue) -> List[dict]:
+def lead_stages(pipe, pending: List[Task], batch: Batch, link: Link, inbox: queue.Queue) -> List[dict]:
     """Run `pending` split over ranks 0 and 1; rank 1's stats (models, memory)."""
     link.send("hello", {"run": batch.run, "gather": batch.gather})
     try:

@@ -118,23 +118,27 @@ def serve(config, prompt_syntax: str, log=print) -> None:
 
     from .app import create_app
     from .config import exposure_warning
+    from .net import listening_socket
     from .service import Service
 
     warning = exposure_warning(config.host, config.credentials)
     if warning:
         log(warning)
+    sock = listening_socket(config.host, config.port)
     service = Service(config, prompt_syntax)
     service.start()
     try:
         server = uvicorn.Server(uvicorn.Config(create_app(service), host=config.host, port=config.port,
                                                log_level="warning", timeout_graceful_shutdown=10))
         server.handle_exit = _stopping_jobs(server.handle_exit, service)
-        log(f"mlx-sdxl serve: http://{config.host}:{config.port}/ (API at /sdapi/v1; base "
+        host = f"[{config.host}]" if ":" in config.host and not config.host.startswith("[") else config.host
+        log(f"mlx-sdxl serve: http://{host}:{sock.getsockname()[1]}/ (API at /sdapi/v1; base "
             f"{service.models.default.title}, refiner {getattr(service.models.default_refiner, 'title', 'none')}, "
             f"previews {service.decoders.kind})")
-        server.run()
+        server.run(sockets=[sock])
     finally:
         service.shutdown()
+        sock.close()
 
 
 def _stopping_jobs(handle_exit, service):

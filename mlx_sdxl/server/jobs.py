@@ -18,6 +18,7 @@ from typing import List, Optional
 from ..lora.tags import strip_lora_tags
 from ..metadata import attach_metadata
 from ..pipeline.images import to_pil
+from ..schedulers import default_scheduler
 from ..spec import DECODE
 from .encoding import png_base64
 from .previews import Decoders, Schedule
@@ -34,6 +35,7 @@ class Outcome:
     stopped_at: Optional[int] = None                        # the step the last stopped iteration ended at
     interrupt_step: Optional[int] = None                    # the step the interrupt arrived at
     encoded: List[str] = field(default_factory=list)        # base64 PNGs (made in the worker)
+    sampler: str = ""                                       # the sampler that ran (ours)
     model: str = ""
     model_hash: Optional[str] = None
     seconds: float = 0.0
@@ -68,9 +70,9 @@ class StepTracker:
         return self.schedule.viewable(self.latents, self.first_index + self.done)
 
 
-def _generate(pipe, spec: Spec, seeds, tracker: StepTracker, options: dict):
+def _generate(pipe, spec: Spec, sampler: str, seeds, tracker: StepTracker, options: dict):
     common = dict(seed=list(seeds), num_images_per_prompt=len(seeds), num_inference_steps=spec.steps,
-                  guidance_scale=spec.cfg_scale, scheduler=spec.sampler, callback=tracker,
+                  guidance_scale=spec.cfg_scale, scheduler=sampler, callback=tracker,
                   high_noise_frac=spec.choice.high_noise_frac, width=spec.width, height=spec.height, **options)
     if spec.kind == "img2img":
         common.update(image=spec.image, strength=spec.strength, resize=spec.resize)
@@ -121,7 +123,8 @@ def run_generation(spec: Spec, pipe, state: ServerState, decoders: Decoders, *, 
                    prompt_syntax: str, max_megapixels: float) -> Outcome:
     """All iterations of `spec` on `pipe`; the state tells progress readers what runs."""
     t0 = time.perf_counter()
-    out = Outcome(model=pipe.base.name, model_hash=pipe.base.short_hash)
+    sampler = spec.sampler or default_scheduler(pipe.base.scheduler_config)
+    out = Outcome(model=pipe.base.name, model_hash=pipe.base.short_hash, sampler=sampler)
     options = dict(output_type="latent" if taesd else "pil", metadata=metadata, prompt_syntax=prompt_syntax,
                    max_megapixels=max_megapixels)
     first = spec.steps - spec.steps_per_iteration  # img2img starts part-way into the schedule
@@ -133,9 +136,9 @@ def run_generation(spec: Spec, pipe, state: ServerState, decoders: Decoders, *, 
                 break
             state.next_iteration(k)
             seeds = spec.seeds[k * spec.batch_size:(k + 1) * spec.batch_size]
-            tracker = StepTracker(state, decoders, Schedule(spec.sampler, pipe.base.scheduler_config, spec.steps),
+            tracker = StepTracker(state, decoders, Schedule(sampler, pipe.base.scheduler_config, spec.steps),
                                   first, spec.steps_per_iteration)
-            result = _generate(pipe, spec, seeds, tracker, options)
+            result = _generate(pipe, spec, sampler, seeds, tracker, options)
             if result.cancelled:
                 images = _partial(spec, pipe, result, tracker, decoders, taesd, metadata)
                 out.stopped_at = tracker.done

@@ -17,7 +17,7 @@ from .config import Limits
 from .encoding import read_image
 from .folders import find, list_entries
 from .models import Choice, ModelManager
-from .samplers import SamplerError, a1111_name, resolve
+from .samplers import SamplerError, resolve
 from .schemas import IGNORED_IF_SET, Img2ImgRequest, Txt2ImgRequest
 
 # A1111's resize_mode → the pipeline's resize: just resize, crop and resize, resize and fill,
@@ -39,7 +39,7 @@ class Spec:
     kind: str                       # "txt2img" or "img2img"
     prompt: str
     negative_prompt: str
-    sampler: str                    # ours
+    sampler: Optional[str]          # ours; None: the model's own
     steps: int
     cfg_scale: float
     width: Optional[int]            # None: img2img at the input's own size
@@ -58,10 +58,6 @@ class Spec:
     notes: Tuple[str, ...] = ()
     styles: Tuple[str, ...] = ()
     send_images: bool = True
-
-    @property
-    def sampler_label(self) -> str:
-        return a1111_name(self.sampler)
 
     @property
     def steps_per_iteration(self) -> int:
@@ -140,7 +136,7 @@ def _notes(req: Txt2ImgRequest) -> Tuple[str, ...]:
     return tuple(notes)
 
 
-def _sampler(req: Txt2ImgRequest) -> str:
+def _sampler(req: Txt2ImgRequest) -> Optional[str]:
     try:
         return resolve(req.sampler_name or req.sampler_index, req.scheduler)
     except SamplerError as e:

@@ -8,6 +8,7 @@ import json
 from ..version import __version__
 from .jobs import Outcome
 from .requests import Spec
+from .samplers import a1111_name
 
 
 def info_json(spec: Spec, out: Outcome) -> str:
@@ -20,7 +21,7 @@ def info_json(spec: Spec, out: Outcome) -> str:
         "subseed": -1, "all_subseeds": [-1] * len(seeds), "subseed_strength": 0,
         "width": spec.width if spec.width is not None else (out.images[0].width if out.images else None),
         "height": spec.height if spec.height is not None else (out.images[0].height if out.images else None),
-        "sampler_name": spec.sampler_label, "cfg_scale": spec.cfg_scale, "steps": spec.steps,
+        "sampler_name": a1111_name(out.sampler), "cfg_scale": spec.cfg_scale, "steps": spec.steps,
         "batch_size": spec.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": out.model, "sd_model_hash": out.model_hash, "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,

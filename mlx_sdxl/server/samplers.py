@@ -63,11 +63,14 @@ def _accepted_samplers() -> str:
     return ", ".join(sorted({a1111_name(o) for o in SCHEDULERS}))
 
 
-def resolve(sampler_name: Optional[str], scheduler: Optional[str] = None) -> str:
-    """Our sampler for an A1111 (sampler_name, scheduler) pair; SamplerError naming the field."""
-    if not sampler_name:
-        sampler_name = a1111_name(DEFAULT_SCHEDULER)
+def resolve(sampler_name: Optional[str], scheduler: Optional[str] = None) -> Optional[str]:
+    """Our sampler for an A1111 (sampler_name, scheduler) pair, or None (neither given: the
+    model's own sampler, from its scheduler_config.json); SamplerError naming the field."""
     schedule = _schedule(scheduler)
+    if not sampler_name:
+        if schedule == AUTOMATIC:
+            return None
+        sampler_name = a1111_name(DEFAULT_SCHEDULER)
     if schedule not in _SCHEDULE_LABELS:
         raise SamplerError("scheduler", f"schedule {scheduler!r} is not available; accepted: "
                                         f"{', '.join(_SCHEDULE_LABELS.values())} (or leave it out)")

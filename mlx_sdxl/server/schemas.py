@@ -4,7 +4,7 @@ Fields A1111 clients commonly send are declared, so their types are checked and 
 gives a 422 that names it. Fields mlx_sdxl does not implement are accepted; when one is
 set to something other than its neutral value, `info.notes` of the response says it was
 ignored. Unknown fields are ignored, as A1111 does. A field left out takes mlx_sdxl's
-default (1024×1024, 40 steps, CFG 5, Euler), not A1111's SD 1.5 defaults.
+default (1024×1024, 40 steps, CFG 5, the model's own sampler), not A1111's SD 1.5 defaults.
 """
 
 from __future__ import annotations

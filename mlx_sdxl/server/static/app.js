@@ -31,7 +31,8 @@ function fill(select, items, emptyText) {
 async function loadChoices() {
   const [samplers, loras, options] = await Promise.all([
     api("/sdapi/v1/samplers"), api("/sdapi/v1/loras"), api("/sdapi/v1/options")]);
-  fill($("sampler"), samplers.map((s) => ({ label: s.name, value: s.name })), "Euler");
+  fill($("sampler"), [{ label: "the model's own", value: "" }, ...samplers.map((s) => ({ label: s.name, value: s.name }))],
+    "");
   fill($("lora"), loras.map((l) => ({ label: l.alias, value: l.name })), "no LoRA in --lora-dir");
   $("add-lora").disabled = !loras.length;
   $("model").textContent = options.sd_model_checkpoint;
@@ -42,7 +43,7 @@ function payload() {
   return {
     prompt: $("prompt").value, negative_prompt: $("negative").value,
     width: number("width"), height: number("height"), steps: number("steps"),
-    sampler_name: $("sampler").value, cfg_scale: number("cfg"), seed: number("seed"),
+    sampler_name: $("sampler").value || null, cfg_scale: number("cfg"), seed: number("seed"),
   };
 }
 
