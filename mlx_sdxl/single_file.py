@@ -394,6 +394,49 @@ def _groups(channels: Iterable[int], groups: int, what: str) -> int:
     return groups
 
 
+# What no SDXL UNet tensor records: the values of the released SDXL configs.
+_SDXL_UNET_FIXED = {
+    "_class_name": "UNet2DConditionModel", "sample_size": 128, "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "upcast_attention": None, "addition_embed_type": "text_time", "act_fn": "silu", "norm_eps": 1e-5,
+    "flip_sin_to_cos": True, "freq_shift": 0, "center_input_sample": False, "downsample_padding": 1,
+    "mid_block_scale_factor": 1, "dual_cross_attention": False, "only_cross_attention": False,
+    "resnet_time_scale_shift": "default", "class_embed_type": None, "num_class_embeds": None,
+}
+
+
+def _attention_layout(w: Mapping, levels: List[int]):
+    """(attentions per down level, per up level, transformer_layers_per_block, mid depth).
+    transformer_layers_per_block is one int when every attention agrees (refiner: 4), else a
+    list with 1 for levels without attention (base: [1, 2, 10])."""
+    def depth(prefix):
+        return len(_indices(w, "^" + re.escape(prefix) + r"\.transformer_blocks\.(\d+)\."))
+
+    attn_down = [bool(_indices(w, rf"^down_blocks\.{i}\.attentions\.(\d+)\.")) for i in levels]
+    attn_up = [bool(_indices(w, rf"^up_blocks\.{i}\.attentions\.(\d+)\.")) for i in levels]
+    depths = [depth(f"down_blocks.{i}.attentions.0") if a else 0 for i, a in zip(levels, attn_down)]
+    mid_depth = depth("mid_block.attentions.0")
+    used = {d for d in depths if d} | ({mid_depth} if mid_depth else set())
+    if len(used) == 1:
+        return attn_down, attn_up, used.pop(), mid_depth
+    layers = [d or 1 for d in depths]
+    if mid_depth and not depths[-1]:
+        layers[-1] = mid_depth  # diffusers' mid block takes the last level's depth
+    return attn_down, attn_up, layers, mid_depth
+
+
+def _added_embedding(w: Mapping, pooled_dim: Optional[int], num_time_ids: Optional[int]):
+    """(add_embedding in-features, time-id embedding width): (in − pooled) / time ids when both
+    are known, else SDXL's 256."""
+    add_in = _shape(w, "add_embedding.linear_1.weight", "UNet")[1]
+    if pooled_dim is None or num_time_ids is None:
+        return add_in, 256
+    extra = add_in - pooled_dim
+    if extra <= 0 or extra % num_time_ids:
+        raise WeightsError(f"UNet: add_embedding takes {add_in} features, which is not the pooled text embedding "
+                           f"({pooled_dim}) plus {num_time_ids} equal time-id embeddings")
+    return add_in, extra // num_time_ids
+
+
 def infer_unet_config(w: Mapping, *, pooled_dim: Optional[int] = None, num_time_ids: Optional[int] = None,
                       head_dim: int = 64, overrides: Optional[Mapping] = None) -> dict:
     """diffusers UNet2DConditionModel config.json dict from diffusers-named UNet weights.
@@ -417,40 +460,14 @@ def infer_unet_config(w: Mapping, *, pooled_dim: Optional[int] = None, num_time_
         raise WeightsError(f"{what} weights are incomplete: down block levels found {levels}")
     channels = [_shape(w, f"down_blocks.{i}.resnets.0.conv1.weight", what)[0] for i in levels]
     lpb = len(_indices(w, r"^down_blocks\.0\.resnets\.(\d+)\."))
-
-    def depth(prefix):
-        return len(_indices(w, "^" + re.escape(prefix) + r"\.transformer_blocks\.(\d+)\."))
-
-    attn_down = [bool(_indices(w, rf"^down_blocks\.{i}\.attentions\.(\d+)\.")) for i in levels]
-    attn_up = [bool(_indices(w, rf"^up_blocks\.{i}\.attentions\.(\d+)\.")) for i in levels]
-    depths = [depth(f"down_blocks.{i}.attentions.0") if a else 0 for i, a in zip(levels, attn_down)]
-    mid_depth = depth("mid_block.attentions.0")
-    used = {d for d in depths if d} | ({mid_depth} if mid_depth else set())
-    if len(used) == 1:
-        layers = used.pop()
-    else:
-        layers = [d or 1 for d in depths]
-        if mid_depth and not depths[-1]:
-            layers[-1] = mid_depth  # diffusers' mid block takes the last level's depth
-
+    attn_down, attn_up, layers, mid_depth = _attention_layout(w, levels)
     first = next((k for k in sorted(w) if k.endswith("attn2.to_k.weight")), None)
     if first is None and "cross_attention_dim" not in overrides:
         raise WeightsError(f"{what} has no cross-attention (attn2) weights; not an SDXL UNet")
     proj_in = next((k for k in sorted(w) if k.endswith(".proj_in.weight")), None)
-    add_in = _shape(w, "add_embedding.linear_1.weight", what)[1]
-    if pooled_dim is not None and num_time_ids is not None:
-        extra = add_in - pooled_dim
-        if extra <= 0 or extra % num_time_ids:
-            raise WeightsError(
-                f"{what}: add_embedding takes {add_in} features, which is not the pooled text embedding "
-                f"({pooled_dim}) plus {num_time_ids} equal time-id embeddings")
-        time_dim = extra // num_time_ids
-    else:
-        time_dim = 256
-
+    add_in, time_dim = _added_embedding(w, pooled_dim, num_time_ids)
     config = {
-        "_class_name": "UNet2DConditionModel",
-        "sample_size": 128,
+        **_SDXL_UNET_FIXED,
         "in_channels": _shape(w, "conv_in.weight", what)[1],
         "out_channels": _shape(w, "conv_out.weight", what)[0],
         "block_out_channels": channels,
@@ -461,22 +478,8 @@ def infer_unet_config(w: Mapping, *, pooled_dim: Optional[int] = None, num_time_
         "transformer_layers_per_block": layers,
         "cross_attention_dim": _shape(w, first, what)[1] if first else None,
         "use_linear_projection": bool(proj_in) and len(_shape(w, proj_in, what)) == 2,
-        "upcast_attention": None,
-        "addition_embed_type": "text_time",
         "addition_time_embed_dim": time_dim,
         "projection_class_embeddings_input_dim": add_in,
-        "act_fn": "silu",
-        "norm_eps": 1e-5,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "center_input_sample": False,
-        "downsample_padding": 1,
-        "mid_block_scale_factor": 1,
-        "dual_cross_attention": False,
-        "only_cross_attention": False,
-        "resnet_time_scale_shift": "default",
-        "class_embed_type": None,
-        "num_class_embeds": None,
     }
     if "attention_head_dim" not in overrides:
         n = len(levels)  # up_blocks run from the deepest level: up_blocks[n-1-i] is level i

@@ -7,6 +7,7 @@ service's counters); clients talk to it over TCP on 127.0.0.1 only.
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import json
 import threading
@@ -43,6 +44,7 @@ class RunningServer:
         self.server.should_exit = True
         self.thread.join(30)
         self.service.shutdown()
+        gc.collect()  # the app's reference cycles hold MLX arrays until collected; later tests measure memory
 
 
 def make_config(base, refiner, **kw) -> ServerConfig:

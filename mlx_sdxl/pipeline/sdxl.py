@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from pathlib import Path
 from typing import Callable, Optional, Tuple
 
@@ -14,25 +13,23 @@ import mlx.core as mx
 from ..conditioning import Prompt
 from ..embeddings import Embedding, EmbeddingSet, read_embedding
 from ..errors import InputError
-from ..identity import source_fields
 from ..schedulers import with_prediction_type
 from ..sources import ModelSource, is_converted, open_source, vae_source
 from ..spec import (BASE, DEFAULT_AESTHETIC_SCORE, DEFAULT_GROUP_SIZE, DEFAULT_GUIDANCE, DEFAULT_HIGH_NOISE_FRAC,
                     DEFAULT_MAX_MEGAPIXELS, DEFAULT_METADATA, DEFAULT_PROMPT_SYNTAX, DEFAULT_RESIZE,
                     DEFAULT_NEGATIVE_AESTHETIC_SCORE, DEFAULT_STEPS,
-                    DEFAULT_STRENGTH, DECODE, REFINER, TEXT_ENCODERS, Seed)
+                    DEFAULT_STRENGTH, REFINER, Seed)
 from ..quantize import check_settings
 from ..weights import parse_dtype
 from . import images as pixels
 from .cache import ModelCache, Quantization
 from .compat import check_compatible
 from .controlnets import ControlNets, with_controls
-from .image_run import image_latents, paste_results
-from .health import nonfinite_error
 from .plan import Plan, Request, make_plan
-from .prompts import PromptTexts, embeddings_used, encode_conditioning, encode_prompt, encoder_flags
-from .result import GenerationResult, StageTiming
-from .stage import Callback, Cancelled, Stage
+from .prompts import PromptTexts, encode_prompt
+from .result import GenerationResult
+from . import runner
+from .stage import Callback, Stage
 
 LOW_MEMORY_CACHE_BYTES = 256 * 1024 * 1024
 
@@ -301,130 +298,25 @@ class SDXLPipeline:
         `strength` share of the schedule. Returns what `__call__` returns."""
         return self.generate(**{k: v for k, v in locals().items() if k != "self"}, high_noise_frac=0.0).images
 
-    # ------------------------------------------------------------------ running a plan
+    # ------------------------------------------------------------------ running a plan (see runner.py)
     def _run(self, plan: Plan, callback: Optional[Callable]) -> GenerationResult:
-        timings = {}
-        settings = [self._record(s, plan) for s in plan.settings]
-        with self._lock:
-            try:
-                stages = self._condition(plan, timings)
-                x = plan.latents
-                if plan.image is not None:
-                    x, stages = image_latents(plan, stages, self.models.get(self.vae_source, "vae", timings),
-                                              self.scaling_factor, self.vae_scale_factor)
-                for stage in stages:
-                    x = self._run_stage(stage, x, callback, timings)
-                images = self._output(x, plan, settings, callback, timings)
-                return GenerationResult(images, plan.seeds, settings, timings)
-            except Cancelled:
-                mx.clear_cache()
-                return GenerationResult(None, plan.seeds, settings, timings, cancelled=True)
+        return runner.run_plan(self, plan, callback)
 
-    def _run_stage(self, stage: Stage, x: mx.array, callback: Optional[Callable], timings: dict) -> mx.array:
-        unet = self.models.get(stage.source, "unet", timings)
-        x, timings[stage.name] = stage.run(unet, x, callback, forward=self.models.forward(unet))
-        del unet
-        if self.low_memory:
-            self.models.release(stage.source, "unet")
-        return x
-
-    # ------------------------------------------------------------------ a plan in two halves
     # mlx_sdxl.batch runs the text encoders and the base in one process and the refiner and the
     # VAE in another (`mlx-sdxl batch --stages`); the two halves make `_run`'s images bit for bit.
     def plan(self, prompt: Prompt, **kwargs) -> Plan:
         """The checked Plan that `generate(prompt, **kwargs)` runs (no model loads)."""
         return make_plan(Request(prompt, **kwargs), self.base, self.refiner, self.vae_scale_factor)
 
+
     def run_first_stage(self, plan: Plan, callback: Optional[Callback] = None,
                         timings: Optional[dict] = None) -> Tuple[mx.array, Tuple[Stage, ...]]:
         """Encode every stage's conditioning and run a text-to-image plan's first stage: (its
         latents, the later stages with their conditioning). Loads the text encoders and that UNet."""
-        if plan.image is not None:
-            raise InputError("only a text-to-image plan runs in two halves")
-        timings = {} if timings is None else timings
-        with self._lock:
-            stages = self._condition(plan, timings)
-            return self._run_stage(stages[0], plan.latents, callback, timings), tuple(stages[1:])
+        return runner.run_first_stage(self, plan, callback, timings)
 
     def run_last_stages(self, plan: Plan, x: mx.array, stages: Tuple[Stage, ...] = (),
                         callback: Optional[Callback] = None, timings: Optional[dict] = None) -> GenerationResult:
         """Run `stages` (conditioned, e.g. by `run_first_stage` in another process) on the
         latents `x`, then decode: what `generate` returns for `plan`. Loads those UNets and the VAE."""
-        timings = {} if timings is None else timings
-        settings = [self._record(s, plan) for s in plan.settings]
-        with self._lock:
-            try:
-                for stage in stages:
-                    x = self._run_stage(stage, x, callback, timings)
-                return GenerationResult(self._output(x, plan, settings, callback, timings), plan.seeds, settings,
-                                        timings)
-            except Cancelled:
-                mx.clear_cache()
-                return GenerationResult(None, plan.seeds, settings, timings, cancelled=True)
-
-    def _condition(self, plan: Plan, timings: dict) -> list:
-        """Every stage's conditioning, made before any UNet loads (so low_memory can drop the
-        text encoders first)."""
-        t0 = time.perf_counter()
-        req = plan.request
-
-        def load(source, part):
-            return self.models.get(source, part, timings)
-
-        stages, warned = [], set()  # warned: each prompt-length warning once per request
-        for stage in plan.stages:
-            cond = encode_conditioning(load, stage.source, req.texts, stage.time_ids, dtype=self.dtype,
-                                       num_images_per_prompt=req.num_images_per_prompt, clip_skip=req.clip_skip,
-                                       guided=stage.guidance.active, embeddings=self.embeddings, warned=warned)
-            flags = encoder_flags(cond, stage.source)
-            mx.eval(cond.arrays(), list(flags.values()))
-            for part, flag in flags.items():
-                if flag.item():
-                    raise nonfinite_error(f"the {stage.name}'s prompt embeddings hold NaN/inf", part,
-                                          load(stage.source, part))
-            stages.append(dataclasses.replace(stage, conditioning=cond))
-        timings["encode"] = time.perf_counter() - t0
-        if self.low_memory:
-            for source in filter(None, (self.base, self.refiner)):
-                for part in TEXT_ENCODERS:
-                    self.models.release(source, part)
-        return stages
-
-    def _output(self, x, plan: Plan, settings: list, callback, timings: dict):
-        request = plan.request
-        if request.output_type == "latent":
-            return x
-        t0 = time.perf_counter()
-        mx.reset_peak_memory()
-        vae = self.models.get(self.vae_source, "vae", timings)
-        images = pixels.decode_latents(vae, x, self.scaling_factor, tiled=True if self.low_memory else None)
-        if callback is not None and callback(DECODE, 1, 1, x) is False:
-            raise Cancelled()
-        timings[DECODE] = StageTiming(time.perf_counter() - t0, 1, mx.get_peak_memory())
-        images = paste_results(images, plan)
-        if request.output_type == "np":
-            return images
-        return pixels.to_pil(images, None if request.metadata == "none" else settings)
-
-    def _record(self, settings: dict, plan: Plan) -> dict:
-        """What a PNG records: the request's settings, without None, plus the models used."""
-        mode = plan.request.metadata
-        out = {k: v for k, v in settings.items() if v is not None}
-        out.update(source_fields("model", self.base, mode), dtype=str(self.dtype).replace("mlx.core.", ""))
-        if any(stage.name == REFINER for stage in plan.stages):
-            out.update(source_fields("refiner", self.refiner, mode))
-            if self.refiner_bits:
-                out["refiner_bits"] = self.refiner_bits
-        if self.vae_source is not self.base:
-            out.update(source_fields("vae", self.vae_source, mode))
-        req = plan.request
-        texts = [t for v in (settings.get("prompt"), settings.get("negative_prompt"), req.prompt_2,
-                             req.negative_prompt_2) if v for t in ([v] if isinstance(v, str) else v)]
-        used = embeddings_used(self.base, texts, req.prompt_syntax, self.embeddings)
-        if used:
-            out["embeddings"] = used  # {token: short hash}: A1111's "TI hashes"
-        roles = {stage.source.role for stage in plan.stages}
-        loras = [lora.record(mode == "full") for lora in self.models.loras if lora.scale != 0 and lora.role in roles]
-        if loras:
-            out["loras"] = loras  # [{name, scale, hash[, target][, path]}]: A1111's "Lora hashes"
-        return out
+        return runner.run_last_stages(self, plan, x, stages, callback, timings)

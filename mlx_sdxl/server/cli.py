@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..errors import SDXLError
-from ..spec import (BITS, DEFAULT_BASE_ID, DEFAULT_MAX_MEGAPIXELS, DEFAULT_METADATA, DEFAULT_REFINER_ID,
-                    METADATA_MODES, PROMPT_SYNTAXES, SERVER_HOST, SERVER_MAX_BODY_MB, SERVER_MAX_IMAGES,
-                    SERVER_MAX_QUEUE, SERVER_MAX_STEPS, SERVER_PORT, SERVER_PREVIEW_EVERY)
+from ..identity import MODELS_DIR_ENV
+from ..spec import (BITS, DEFAULT_BASE_ID, DEFAULT_LORA_DIR, DEFAULT_MAX_MEGAPIXELS, DEFAULT_METADATA,
+                    DEFAULT_REFINER_ID, LORA_DIR_ENV, METADATA_MODES, PROMPT_SYNTAXES, SERVER_HOST,
+                    SERVER_MAX_BODY_MB, SERVER_MAX_IMAGES, SERVER_MAX_QUEUE, SERVER_MAX_STEPS, SERVER_PORT,
+                    SERVER_PREVIEW_EVERY)
 
 AUTH_ENV = "MLX_SDXL_API_AUTH"
 DTYPES = ("float16", "bfloat16", "float32")
@@ -35,9 +37,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     m.add_argument("--refiner", metavar="ID|PATH|none", help=f"the refiner ({DEFAULT_REFINER_ID} with the default "
                                                              "model; none with a custom --model)")
     m.add_argument("--vae", metavar="PATH", help="a replacement VAE (e.g. the fp16-fix VAE)")
-    m.add_argument("--models-dir", metavar="DIR", help="checkpoints clients may switch to (sd_model_checkpoint)")
-    m.add_argument("--lora-dir", metavar="DIR", help="LoRAs that <lora:NAME:SCALE> prompt tags load (.safetensors, "
-                                                     "searched recursively; listed by /sdapi/v1/loras)")
+    m.add_argument("--models-dir", metavar="DIR", help=f"checkpoints clients may switch to (sd_model_checkpoint; "
+                                                       f"default ${MODELS_DIR_ENV}, as for generate)")
+    m.add_argument("--lora-dir", metavar="DIR", help=f"LoRAs that <lora:NAME:SCALE> prompt tags load (.safetensors, "
+                                                     f"searched recursively; listed by /sdapi/v1/loras; default "
+                                                     f"${LORA_DIR_ENV}, else {DEFAULT_LORA_DIR} if it exists)")
     m.add_argument("--embedding-dir", metavar="DIR", help="SDXL textual-inversion embeddings, all loaded")
     m.add_argument("--taesd", metavar="ID|PATH", help="TAESDXL for live previews (default: madebyollin/taesdxl if it "
                                                       "is in the local hub cache, else a linear latent preview)")
@@ -81,7 +85,7 @@ def _add_limits(g) -> None:
 
 def _models(args):
     from ..cli import default_dtype
-    from ..identity import locate
+    from ..identity import locate, models_dir
     from .config import ModelOptions
 
     model, refiner = args.model, args.refiner
@@ -90,7 +94,7 @@ def _models(args):
         refiner = DEFAULT_REFINER_ID if refiner is None else refiner
     if refiner is not None and refiner.lower() == "none":
         refiner = None
-    folder = Path(args.models_dir).expanduser() if args.models_dir else None
+    folder = models_dir(args.models_dir)
     model = locate(model, "model", folder, recorded=False)
     refiner = locate(refiner, "refiner", folder, recorded=False) if refiner else None
     return ModelOptions(model, refiner, vae=args.vae, dtype=args.dtype or default_dtype(),
@@ -102,12 +106,15 @@ def make_config(args):
     from .config import Limits, ServerConfig, parse_credentials
 
     folder = lambda value: Path(value).expanduser() if value else None  # noqa: E731
+    models_dir = args.models_dir or os.environ.get(MODELS_DIR_ENV)
+    lora_dir = args.lora_dir or os.environ.get(LORA_DIR_ENV) or (
+        DEFAULT_LORA_DIR if Path(DEFAULT_LORA_DIR).expanduser().is_dir() else None)  # the CLI's folders
     origins = tuple(o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip())
     limits = Limits(max_megapixels=args.max_megapixels, max_steps=args.max_steps, max_images=args.max_images,
                     max_body_mb=args.max_body_mb, max_queue=args.max_queue)
     return ServerConfig(_models(args), host=args.host, port=args.port,
                         credentials=parse_credentials(args.api_auth or os.environ.get(AUTH_ENV)),
-                        models_dir=folder(args.models_dir), lora_dir=folder(args.lora_dir),
+                        models_dir=folder(models_dir), lora_dir=folder(lora_dir),
                         embedding_dir=folder(args.embedding_dir), outputs=folder(args.outputs), cors_origins=origins,
                         limits=limits, preview_every=args.preview_every, metadata=args.metadata)
 

@@ -138,6 +138,10 @@ class ModelManager:
                                  "vectors": emb.length}
         self.embeddings_loaded, self.embeddings_skipped = loaded, skipped
 
+    def release(self) -> None:
+        """Drop the pipeline (the server is stopping): its weights are freed with it."""
+        self._pipe, self._loaded = None, None
+
     def loaded_hash(self, checkpoint: Checkpoint) -> Optional[str]:
         """The short hash of `checkpoint` when it is the loaded base (hashing other files would read them)."""
         pipe, loaded = self._pipe, self._loaded

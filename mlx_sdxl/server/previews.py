@@ -60,6 +60,9 @@ class Decoders:
             except SDXLError as e:  # a damaged cache: previews fall back to the linear map
                 self.error = str(e)
 
+    def release(self) -> None:
+        self._taesd = None
+
     @property
     def taesd(self):
         """TAESDXL, or None; `load()` must have run (the service does it at start)."""

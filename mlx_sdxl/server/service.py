@@ -36,10 +36,12 @@ class Service:
         self.worker.start()
 
     def shutdown(self) -> None:
-        """Stop the running job at its next step, drop the waiting ones, and join the worker."""
+        """Stop the running job at its next step, drop the waiting ones, join the worker, and free the models."""
         self.worker.close()
         self.state.close()
         self.worker.join()
+        self.models.release()
+        self.decoders.release()
 
     # ---------------------------------------------------------------- jobs
     def run(self, spec: Spec) -> Outcome:

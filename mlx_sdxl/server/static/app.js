@@ -31,8 +31,8 @@ function fill(select, items, emptyText) {
 async function loadChoices() {
   const [samplers, loras, options] = await Promise.all([
     api("/sdapi/v1/samplers"), api("/sdapi/v1/loras"), api("/sdapi/v1/options")]);
-  fill($("sampler"), [{ label: "the model's own", value: "" }, ...samplers.map((s) => ({ label: s.name, value: s.name }))],
-    "");
+  const own = { label: "the model's own", value: "" };
+  fill($("sampler"), [own, ...samplers.map((s) => ({ label: s.name, value: s.name }))], "");
   fill($("lora"), loras.map((l) => ({ label: l.alias, value: l.name })), "no LoRA in --lora-dir");
   $("add-lora").disabled = !loras.length;
   $("model").textContent = options.sd_model_checkpoint;
