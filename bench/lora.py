@@ -116,16 +116,19 @@ def measure_fuse(config: dict, dtype, rank: int, folder: Path) -> dict:
 
 
 def _interleave(variants: List[tuple], args, repeats: int, warmup: int) -> List[dict]:
-    """Each variant is (prepare, step): prepare() runs untimed before each of its timed steps."""
-    runs = [[] for _ in variants]
+    """Each variant is (prepare, step): prepare() runs untimed before each of its timed steps. Wall
+    seconds and this process's CPU seconds (all threads) per step: on a shared machine the CPU
+    seconds are the steadier measure of the work done."""
+    runs = [([], []) for _ in variants]
     for r in range(warmup + repeats):
         for i, (prepare, step) in enumerate(variants):
             prepare()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             mx.eval(step(*args))
             if r >= warmup:
-                runs[i].append(time.perf_counter() - t0)
-    return [stats(t) for t in runs]
+                runs[i][0].append(time.perf_counter() - t0)
+                runs[i][1].append(time.process_time() - c0)
+    return [dict(stats(wall), cpu_seconds=stats(cpu)) for wall, cpu in runs]
 
 
 def _step(model, kv: Dict[str, object], which: str, context) -> Callable:
