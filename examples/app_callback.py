@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+import mlx.core as mx
+
 from mlx_sdxl import SDXLPipeline
 from mlx_sdxl.cli import default_dtype
 from mlx_sdxl.metadata import save_png
@@ -54,6 +56,10 @@ class Job:
             self.events.put(("done", images))
         except Exception as e:  # report errors to the UI thread instead of losing them
             self.events.put(("error", e))
+        finally:
+            # let MLX finish this thread's work and drop its streams, so the process exits cleanly
+            mx.synchronize()
+            mx.clear_streams()
 
 
 def follow(job, cancel_after=None):

@@ -85,6 +85,9 @@ def test_two_threads_get_their_own_seeds_and_timings(pipe):
                                           output_type="np")
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
+        finally:  # an MLX worker thread should end its streams (else the process may abort at exit)
+            mx.synchronize()
+            mx.clear_streams()
 
     threads = [threading.Thread(target=work, args=("a", 21, 5)), threading.Thread(target=work, args=("b", 22, 10))]
     for t in threads:
