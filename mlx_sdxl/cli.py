@@ -136,78 +136,90 @@ def _add_generate(sub) -> None:
                         "file name (without .safetensors) is the word that uses it in a prompt; repeatable")
     g.add_argument("--embedding-dir", dest="embedding_dir", metavar="DIR",
                    help="load the embeddings in DIR whose names the prompt or negative prompt use")
+    _model_arguments(g.add_argument_group("models"))
+    _sampling_arguments(g.add_argument_group("sampling"))
+    _size_arguments(g.add_argument_group("size and count"))
+    _memory_arguments(g.add_argument_group("memory and precision"))
+    _output_arguments(g.add_argument_group("output"))
+    _image_arguments(g.add_argument_group("starting from an image"))
+    cli_control.add_arguments(g.add_argument_group("ControlNet"))
+    cli_lora.add_arguments(g.add_argument_group("LoRA"))
 
-    m = g.add_argument_group("models")
-    m.add_argument("--model", metavar="ID|PATH",
+
+def _model_arguments(group) -> None:
+    group.add_argument("--model", metavar="ID|PATH",
                    help=f"the SDXL base: a hub id, diffusers folder, .safetensors checkpoint or converted folder "
                         f"(default {DEFAULT_BASE_ID}, downloaded on first use)")
-    m.add_argument("--refiner", metavar="ID|PATH|none",
+    group.add_argument("--refiner", metavar="ID|PATH|none",
                    help=f"the SDXL refiner; 'none' for base only (default: {DEFAULT_REFINER_ID} when --model is "
                         "not given, else none)")
-    m.add_argument("--vae", metavar="PATH", help="a replacement VAE (e.g. the fp16-fix VAE)")
+    group.add_argument("--vae", metavar="PATH", help="a replacement VAE (e.g. the fp16-fix VAE)")
+    group.add_argument("--models-dir", dest="models_dir", metavar="DIR",
+                   help=f"where model names recorded in a --from image are looked up (default ${MODELS_DIR_ENV})")
 
-    s = g.add_argument_group("sampling")
-    s.add_argument("--steps", dest="num_inference_steps", type=int, metavar="N", help=f"total steps (default {DEFAULT_STEPS})")
-    s.add_argument("--high-noise-frac", dest="high_noise_frac", type=float, metavar="F",
+
+def _sampling_arguments(group) -> None:
+    group.add_argument("--steps", dest="num_inference_steps", type=int, metavar="N", help=f"total steps (default {DEFAULT_STEPS})")
+    group.add_argument("--high-noise-frac", dest="high_noise_frac", type=float, metavar="F",
                    help=f"share of the schedule the base runs before the refiner (default {DEFAULT_HIGH_NOISE_FRAC})")
-    s.add_argument("--guidance", dest="guidance_scale", type=float, metavar="CFG",
+    group.add_argument("--guidance", dest="guidance_scale", type=float, metavar="CFG",
                    help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})")
-    s.add_argument("--scheduler", choices=SCHEDULERS,
+    group.add_argument("--scheduler", choices=SCHEDULERS,
                    help=f"sampler (default: the one the model's scheduler_config.json names, else "
                         f"{DEFAULT_SCHEDULER})")
-    s.add_argument("--timestep-spacing", dest="timestep_spacing", choices=TIMESTEP_SPACINGS,
+    group.add_argument("--timestep-spacing", dest="timestep_spacing", choices=TIMESTEP_SPACINGS,
                    help="where the steps sit on the 1000 training timesteps (default: the model config's); "
                         "'trailing' is A1111's 'SGM Uniform', what Lightning, Turbo and zero-SNR models want")
-    s.add_argument("--eta", type=float, metavar="E",
+    group.add_argument("--eta", type=float, metavar="E",
                    help="tcd's eta (gamma), 0 (deterministic) to 1 (default 0.3)")
-    s.add_argument("--prediction-type", dest="prediction_type", choices=PREDICTION_TYPES,
+    group.add_argument("--prediction-type", dest="prediction_type", choices=PREDICTION_TYPES,
                    help="what the model predicts (default: its config's; single files: v_prediction when the "
                         "file has a 'v_pred' key, else epsilon)")
 
-    z = g.add_argument_group("size and count")
-    z.add_argument("--width", type=int, help=f"image width, a multiple of {SIZE_MULTIPLE} (default {DEFAULT_SIDE})")
-    z.add_argument("--height", type=int, help=f"image height, a multiple of {SIZE_MULTIPLE} (default {DEFAULT_SIDE})")
-    z.add_argument("--seed", dest="seeds", type=int, nargs="+", metavar="S",
-                   help="one image per seed (default: a random seed, recorded in the PNG)")
-    z.add_argument("--n-images", dest="n_images", type=int, metavar="N",
-                   help="number of images; with one --seed S, uses seeds S, S+1, ...")
 
-    p = g.add_argument_group("memory and precision")
-    p.add_argument("--refiner-bits", dest="refiner_bits", type=int, choices=BITS,
+def _size_arguments(group) -> None:
+    group.add_argument("--width", type=int, help=f"image width, a multiple of {SIZE_MULTIPLE} (default {DEFAULT_SIDE})")
+    group.add_argument("--height", type=int, help=f"image height, a multiple of {SIZE_MULTIPLE} (default {DEFAULT_SIDE})")
+    group.add_argument("--seed", dest="seeds", type=int, nargs="+", metavar="S",
+                   help="one image per seed (default: a random seed, recorded in the PNG)")
+    group.add_argument("--n-images", dest="n_images", type=int, metavar="N",
+                   help="number of images; with one --seed S, uses seeds S, S+1, ...")
+    group.add_argument("--max-megapixels", dest="max_megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
+                   metavar="MP", help=f"refuse larger images (default {DEFAULT_MAX_MEGAPIXELS:g} = 2048x2048)")
+
+
+def _memory_arguments(group) -> None:
+    group.add_argument("--refiner-bits", dest="refiner_bits", type=int, choices=BITS,
                    help="quantize the refiner UNet to this many bits")
-    p.add_argument("--low-memory", dest="low_memory", action="store_true", default=None,
+    group.add_argument("--low-memory", dest="low_memory", action="store_true", default=None,
                    help="release each model when its stage is done; tiled VAE decode")
-    p.add_argument("--dtype", choices=DTYPES, help="float16 on GPU backends, float32 on CPU (default)")
-    p.add_argument("--compile", action="store_true",
+    group.add_argument("--dtype", choices=DTYPES, help="float16 on GPU backends, float32 on CPU (default)")
+    group.add_argument("--compile", action="store_true",
                    help="run each UNet step as one compiled MLX graph (the first run builds the kernels; "
                         "see the README's Performance section for when it pays)")
 
-    o = g.add_argument_group("output")
-    o.add_argument("--output", "-o", metavar="PATH|DIR",
+
+def _output_arguments(group) -> None:
+    group.add_argument("--output", "-o", metavar="PATH|DIR",
                    help="a .png file (one image) or a directory (default: the current directory)")
-    o.add_argument("--overwrite", action="store_true", help="replace existing files")
-    o.add_argument("--quiet", "-q", action="store_true", help="no progress output")
-    o.add_argument("--metadata", choices=METADATA_MODES, default=DEFAULT_METADATA,
+    group.add_argument("--overwrite", action="store_true", help="replace existing files")
+    group.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    group.add_argument("--metadata", choices=METADATA_MODES, default=DEFAULT_METADATA,
                    help="what each PNG records: 'minimal' = settings and model names/hashes, no paths (default); "
                         "'full' = local paths too; 'none' = nothing")
-    m.add_argument("--models-dir", dest="models_dir", metavar="DIR",
-                   help=f"where model names recorded in a --from image are looked up (default ${MODELS_DIR_ENV})")
-    z.add_argument("--max-megapixels", dest="max_megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
-                   metavar="MP", help=f"refuse larger images (default {DEFAULT_MAX_MEGAPIXELS:g} = 2048x2048)")
 
-    r = g.add_argument_group("starting from an image")
-    r.add_argument("--image", metavar="PATH",
+
+def _image_arguments(group) -> None:
+    group.add_argument("--image", metavar="PATH",
                    help="img2img: start from this image; the base re-runs the last --strength of the schedule up to "
                         "the hand-off, the refiner the rest (--high-noise-frac 0: the refiner alone)")
-    r.add_argument("--strength", type=float, metavar="F", help=f"share of the schedule re-run (default {DEFAULT_STRENGTH})")
-    r.add_argument("--resize", choices=RESIZE_MODES,
+    group.add_argument("--strength", type=float, metavar="F", help=f"share of the schedule re-run (default {DEFAULT_STRENGTH})")
+    group.add_argument("--resize", choices=RESIZE_MODES,
                    help=f"how --image meets --width/--height (default {DEFAULT_RESIZE}; without them its own size)")
-    r.add_argument("--mask", metavar="PATH", help="inpainting: repaint where this mask is white")
-    r.add_argument("--mask-blur", dest="mask_blur", type=float, metavar="PX",
+    group.add_argument("--mask", metavar="PATH", help="inpainting: repaint where this mask is white")
+    group.add_argument("--mask-blur", dest="mask_blur", type=float, metavar="PX",
                    help="blur the mask's edge by this many pixels and blend the result over the image (default 0)")
-    cli_control.add_arguments(g.add_argument_group("ControlNet"))
-    cli_lora.add_arguments(g.add_argument_group("LoRA"))
-    r.add_argument("--inpaint-only-masked", dest="padding_mask_crop", type=int, nargs="?", const=32, metavar="PAD",
+    group.add_argument("--inpaint-only-masked", dest="padding_mask_crop", type=int, nargs="?", const=32, metavar="PAD",
                    help="repaint only a box around the mask, PAD pixels larger (default 32), at the full size")
 
 

@@ -144,8 +144,24 @@ def format_parameters(settings: dict) -> str:
 _FIELD = re.compile(r'\s*([\w][\w \-/+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
 
-def parse_parameters(text: str) -> dict:
-    """Settings from an A1111 infotext (ours or another tool's); unknown fields are kept under "extra"."""
+# A1111 infotext fields read as one setting each.
+_SIMPLE_FIELDS = {
+    "Steps": ("num_inference_steps", int),
+    "CFG scale": ("guidance_scale", float),
+    "Seed": ("seed", int),
+    "Denoising strength": ("strength", float),
+    "Refiner switch at": ("high_noise_frac", float),
+    "Mask blur": ("mask_blur", float),
+    "Masked area padding": ("padding_mask_crop", int),
+    "Guidance rescale": ("guidance_rescale", float),
+    "Model": ("model", str),
+    "Refiner": ("refiner", str),
+    "VAE": ("vae", str),
+}
+
+
+def _split_infotext(text: str):
+    """(prompt lines, the `Key: value` fields of the last line)."""
     lines = text.strip("\n").split("\n")
     fields = {}
     if lines and len(_FIELD.findall(lines[-1])) >= 3:
@@ -156,6 +172,39 @@ def parse_parameters(text: str) -> dict:
                 except json.JSONDecodeError:
                     pass
             fields[key.strip()] = value.strip()
+    return lines, fields
+
+
+def _read_field(out: dict, key: str, value: str, fields: dict) -> bool:
+    """Put one infotext field into `out`; False when it is not one mlx_sdxl reads."""
+    if key in _SIMPLE_FIELDS:
+        name, cast = _SIMPLE_FIELDS[key]
+        out[name] = cast(value)
+    elif key == "Size":
+        w, h = value.lower().split("x")
+        out["width"], out["height"] = int(w), int(h)
+    elif key == "Sampler":
+        sampler = value.lower()
+        schedule = fields.get("Schedule type", "").lower()
+        if schedule == "karras":
+            sampler += " karras"
+        elif schedule == SGM_UNIFORM.lower():
+            out["timestep_spacing"] = "trailing"
+        out["scheduler"] = _FROM_A1111.get(sampler, value)
+    elif key == "TI hashes":  # "token: hash, token: hash"
+        pairs = [part.split(":") for part in value.split(",")]
+        out["embeddings"] = {token.strip(): h.strip() for token, h in pairs}
+    elif key == "Lora hashes":  # "name: hash, name: hash" (scales live in the prompt's <lora:...> tags)
+        pairs = [part.rsplit(":", 1) for part in value.split(",")]
+        out["loras"] = [{"name": name.strip(), "hash": h.strip()} for name, h in pairs]
+    else:
+        return False
+    return True
+
+
+def parse_parameters(text: str) -> dict:
+    """Settings from an A1111 infotext (ours or another tool's); unknown fields are kept under "extra"."""
+    lines, fields = _split_infotext(text)
     prompt, negative, in_negative = [], [], False
     for line in lines:
         if line.startswith("Negative prompt:"):
@@ -163,43 +212,10 @@ def parse_parameters(text: str) -> dict:
             line = line[len("Negative prompt:"):].lstrip()
         (negative if in_negative else prompt).append(line)
     out = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative) if in_negative else None}
-    conv = {
-        "Steps": ("num_inference_steps", int),
-        "CFG scale": ("guidance_scale", float),
-        "Seed": ("seed", int),
-        "Denoising strength": ("strength", float),
-        "Refiner switch at": ("high_noise_frac", float),
-        "Mask blur": ("mask_blur", float),
-        "Masked area padding": ("padding_mask_crop", int),
-        "Guidance rescale": ("guidance_rescale", float),
-        "Model": ("model", str),
-        "Refiner": ("refiner", str),
-        "VAE": ("vae", str),
-    }
     extra = {}
     for key, value in fields.items():
         try:
-            if key in conv:
-                name, cast = conv[key]
-                out[name] = cast(value)
-            elif key == "Size":
-                w, h = value.lower().split("x")
-                out["width"], out["height"] = int(w), int(h)
-            elif key == "Sampler":
-                sampler = value.lower()
-                schedule = fields.get("Schedule type", "").lower()
-                if schedule == "karras":
-                    sampler += " karras"
-                elif schedule == SGM_UNIFORM.lower():
-                    out["timestep_spacing"] = "trailing"
-                out["scheduler"] = _FROM_A1111.get(sampler, value)
-            elif key == "TI hashes":  # "token: hash, token: hash"
-                pairs = [part.split(":") for part in value.split(",")]
-                out["embeddings"] = {token.strip(): h.strip() for token, h in pairs}
-            elif key == "Lora hashes":  # "name: hash, name: hash" (scales live in the prompt's <lora:...> tags)
-                pairs = [part.rsplit(":", 1) for part in value.split(",")]
-                out["loras"] = [{"name": name.strip(), "hash": h.strip()} for name, h in pairs]
-            else:
+            if not _read_field(out, key, value, fields):
                 extra[key] = value
         except ValueError:
             extra[key] = value
