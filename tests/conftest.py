@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -7,6 +8,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# A runner started in the background or under nohup ignores SIGINT / SIGHUP, and child processes
+# inherit an ignored signal; the signal tests need them delivered as a terminal delivers them.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

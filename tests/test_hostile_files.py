@@ -353,6 +353,14 @@ def test_signal_during_the_swap_waits_for_it(base, out_dir, monkeypatch):
 
 
 def test_deferred_delivers_the_first_signal_after_the_block():
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as from a terminal, even under nohup
+    try:
+        _deferred_delivers_the_first_signal_after_the_block()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def _deferred_delivers_the_first_signal_after_the_block():
     with terminate_as_interrupt():
         reached = []
         with pytest.raises(Terminated) as e:
