@@ -171,7 +171,8 @@ def measure_side(config: dict, a) -> dict:
     kv.clear()
     cache.release(source, "unet")
     free()
-    out.update(_dense_fused(source, a, dtype, path, args))
+    if not a.quantized_only:
+        out.update(_dense_fused(source, a, dtype, path, args))
     return out
 
 
@@ -207,6 +208,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--tiny", action="store_true", help="the tiny UNet (a smoke test)")
+    p.add_argument("--quantized-only", action="store_true", help="side: time the 4-bit UNet only")
     p.add_argument("--folder", help="where the random UNet and the LoRA file are written (kept for reuse)")
     p.add_argument("--json", required=True)
     a = p.parse_args(argv)
