@@ -68,7 +68,8 @@ class Scheduler:
         self._reset()
 
     def _schedule(self, n: int):
-        raise NotImplementedError
+        """(timesteps, sigmas) of an n-step schedule: each sampler class defines its own."""
+        raise TypeError(f"{type(self).__name__} is a sampler base class without a schedule of its own")
 
     def _check_schedule(self, timesteps: np.ndarray):
         """Epsilon prediction cannot be inverted where alpha_bar is 0 (zero-SNR rescaling, t = T-1)."""
