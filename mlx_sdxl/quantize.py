@@ -16,10 +16,11 @@ Parameter names are those of `nn.QuantizedLinear` (weight, scales, biases,
 bias); bits and group size are plain attributes, so saved files hold only the
 arrays and `quantization_info` gives the settings to record beside them.
 
-Both take an optional `side`: a callable of the layer's input whose output is
-added to the layer's (None by default). LoRA adapters use it to run beside the
-packed weight, y = W_q x + s·B(A x), without a dense copy of W (mlx_sdxl.lora).
-It is a plain attribute, not a parameter: saved files never hold it.
+Both take an optional `side`: a callable side(x, y) of the layer's input and
+output that returns y plus its own output (None by default). LoRA adapters use
+it to run beside the packed weight, y = W_q x + s·B(A x), without a dense copy
+of W (mlx_sdxl.lora.apply.SidePath). It is a plain attribute, not a parameter:
+saved files never hold it.
 
 A layer whose input size (kh·kw·I for convs) is not a multiple of the group
 size stays dense, as do grouped convs, norms and embeddings. Embeddings are
@@ -99,7 +100,7 @@ class QLinear(nn.Module):
         _check_divisible("QLinear", input_dims, group_size)
         self.bits, self.group_size = int(bits), int(group_size)
         self.dense_tokens: Optional[int] = None  # None: dense_tokens_default()
-        self.side: Optional[Callable[[mx.array], mx.array]] = None  # adapters beside the weight
+        self.side: Optional[Callable[[mx.array, mx.array], mx.array]] = None  # adapters beside the weight
         self.weight, self.scales, self.biases = _placeholders(output_dims, input_dims, bits, group_size, dtype)
         if bias:
             self.bias = mx.zeros((output_dims,), dtype=dtype)
@@ -132,7 +133,7 @@ class QLinear(nn.Module):
             y = mx.quantized_matmul(x, self.weight, self.scales, self.biases, transpose=True,
                                     group_size=self.group_size, bits=self.bits)
             y = y + self.bias if "bias" in self else y
-        return y if self.side is None else y + self.side(x)
+        return y if self.side is None else self.side(x, y)
 
 
 class QConv2d(nn.Module):
@@ -148,7 +149,7 @@ class QConv2d(nn.Module):
         self.bits, self.group_size = int(bits), int(group_size)
         self.kernel_shape = (out_channels, kh, kw, in_channels)
         self.stride, self.padding, self.dilation = pair(stride), pair(padding), pair(dilation)
-        self.side: Optional[Callable[[mx.array], mx.array]] = None  # adapters beside the kernel
+        self.side: Optional[Callable[[mx.array, mx.array], mx.array]] = None  # adapters beside the kernel
         self.weight, self.scales, self.biases = _placeholders(out_channels, kh * kw * in_channels, bits,
                                                               group_size, dtype)
         if bias:
@@ -179,7 +180,7 @@ class QConv2d(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         y = mx.conv2d(x, self.dense_weight(after=x), self.stride, self.padding, self.dilation)
         y = y + self.bias if "bias" in self else y
-        return y if self.side is None else y + self.side(x)
+        return y if self.side is None else self.side(x, y)
 
 
 def _fan_in(layer: nn.Module) -> int:

@@ -171,8 +171,8 @@ def test_formulas_match_lycoris(case):
         assert layer.scale == 1.0  # no alpha: alpha = rank
 
 
-@pytest.mark.parametrize("algo, kwargs, std", [("loha", {}, 0.4), ("loha", {"use_tucker": True}, 0.4),
-                                               ("lokr", {"factor": 4}, 0.25)], ids=["loha", "loha_tucker", "lokr"])
+@pytest.mark.parametrize("algo, kwargs, std", [("loha", {}, 0.5), ("loha", {"use_tucker": True}, 0.5),
+                                               ("lokr", {"factor": 4}, 0.35)], ids=["loha", "loha_tucker", "lokr"])
 def test_lycoris_files_match_lycoris_and_merged_diffusers(algo, kwargs, std, ours, tiny_sdxl, plain, tmp_path, clean):
     """LoHa / LoKr files made by lycoris-lora: our merged weights equal lycoris' deltas, and our image
     equals a diffusers pipeline with those deltas merged into its weights."""

@@ -63,14 +63,20 @@ class SidePath:
             return mx.conv2d(x, w, self.stride, self.padding, self.dilation)
         return x @ w.T
 
-    def __call__(self, x: mx.array) -> mx.array:
-        y = None
-        if self.down is not None:
-            y = self._apply(x, self.down) @ self.up.T
+    def __call__(self, x: mx.array, y: mx.array) -> mx.array:
+        """y (the layer's own output for input x) plus the adapters' output. The last product is an
+        `addmm` into y, so no second output-sized array is made (y's buffer is reused)."""
+        shape = y.shape
+        out = y.reshape(-1, shape[-1])
         if self.dense is not None:
-            d = self._apply(x, self.dense)
-            y = d if y is None else y + d
-        return y
+            if self.conv:
+                out = out + self._apply(x, self.dense).reshape(out.shape)
+            else:
+                out = mx.addmm(out, x.reshape(-1, x.shape[-1]), self.dense.T)
+        if self.down is not None:
+            low = self._apply(x, self.down)
+            out = mx.addmm(out, low.reshape(-1, low.shape[-1]), self.up.T)
+        return out.reshape(shape)
 
 
 def module_at(model: nn.Module, path: str) -> nn.Module:
