@@ -6,6 +6,8 @@ full-size weights and inputs, so that the differences are the variants' alone:
 - `eager_kv`, `compiled_kv`: the same with the text context's cross-attention keys
   and values made once beforehand (`cross_attention_kv`), as the sampler runs its steps;
   the plain variants make them in every call;
+- `eager_kv_paced`: `eager_kv` evaluated in segments at the UNet's block boundaries, as the
+  sampler runs its steps (mlx_sdxl.models.pacing: bounded run-ahead, so a lower peak);
 - for the quantized refiner, also the token threshold at which QLinear switches from
   `quantized_matmul` to dequantize + dense GEMM (0 = always dense, huge = never),
   and linear-only quantization.
@@ -32,6 +34,7 @@ from typing import Callable, List
 import mlx.core as mx
 
 from mlx_sdxl import quantize
+from mlx_sdxl.models.pacing import Pacer, pacing
 from mlx_sdxl.models.unet import UNetConfig
 from mlx_sdxl.spec import BASE, BITS, REFINER
 from mlx_sdxl.weights import parse_dtype
@@ -41,7 +44,7 @@ from .models import FULL, TINY, build_random, unet_inputs
 from .run import free, param_bytes, stats
 
 NEVER = 1 << 40  # a token threshold no input reaches
-VARIANTS = ("eager", "compiled", "eager_kv", "compiled_kv")
+VARIANTS = ("eager", "compiled", "eager_kv", "compiled_kv", "eager_kv_paced")
 
 
 def inputs(cfg: UNetConfig, role: str, size: int, batch: int, dtype):
@@ -51,6 +54,22 @@ def inputs(cfg: UNetConfig, role: str, size: int, batch: int, dtype):
             d["text_embeds"].astype(dtype), d["time_ids"].astype(dtype))
     mx.eval(args)
     return args
+
+
+def step_function(model, variant: str, context: mx.array) -> Callable:
+    """fn(x, t, c, text_embeds, time_ids) -> the UNet's output, called as `variant` says."""
+    forward = model.compiled() if variant.startswith("compiled") else model
+    kv = None
+    if "_kv" in variant:
+        kv = model.cross_attention_kv(context)
+        mx.eval(kv)
+    paced = variant.endswith("_paced")
+
+    def fn(x, t, c, te, ids):
+        with pacing(Pacer() if paced else None):
+            return forward(x, t, c, text_embeds=te, time_ids=ids, cross_kv=kv)
+
+    return fn
 
 
 def measure(fn: Callable, args, repeats: int, warmup: int) -> dict:
@@ -78,11 +97,13 @@ def main(argv=None) -> int:
     p.add_argument("--bits", type=int, default=4, choices=BITS)
     p.add_argument("--models", default="base,refiner,refiner_q", help="comma-separated: base, refiner, refiner_q")
     p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated: eager, compiled, eager_kv, compiled_kv")
+                   help="comma-separated: " + ", ".join(VARIANTS))
     p.add_argument("--thresholds", default="",
                    help="quantized refiner: QLinear token thresholds to try, e.g. 0,77,1024,never")
     p.add_argument("--interleave", action="store_true",
                    help="also time the models step for step in turn (rows <variant>+interleaved)")
+    p.add_argument("--interleave-variants", action="store_true",
+                   help="instead: per model, time the variants step for step in turn (rows <variant>+alternating)")
     p.add_argument("--tiny", action="store_true", help="tiny random models (a smoke test)")
     p.add_argument("--json", required=True)
     a = p.parse_args(argv)
@@ -105,14 +126,7 @@ def main(argv=None) -> int:
 
     def variants(name: str, model, args, which=VARIANTS) -> None:
         for variant in (v for v in which if v in chosen):
-            forward = model.compiled() if variant.startswith("compiled") else model
-            kv = None
-            if variant.endswith("_kv"):
-                kv = model.cross_attention_kv(args[2])
-                mx.eval(kv)
-            fn = lambda x, t, c, te, ids: forward(x, t, c, text_embeds=te, time_ids=ids, cross_kv=kv)  # noqa: E731
-            record(name, variant, measure(fn, args, a.repeats, a.warmup), model)
-            kv = None
+            record(name, variant, measure(step_function(model, variant, args[2]), args, a.repeats, a.warmup), model)
 
     def unet_config(name: str) -> dict:  # name: base, refiner or refiner_q
         return configs[BASE if name == BASE else REFINER]["unet"]
@@ -136,15 +150,12 @@ def main(argv=None) -> int:
             fns = []
             for name, model in zip(names, models):
                 args = model_inputs(name)
-                forward = model.compiled() if variant.startswith("compiled") else model
-                kv = model.cross_attention_kv(args[2]) if variant.endswith("_kv") else None
-                mx.eval(kv)
-                fns.append((forward, args, kv))
+                fns.append((step_function(model, variant, args[2]), args))
             runs = [[] for _ in fns]
             for r in range(a.warmup + a.repeats):
-                for i, (forward, (x, t, c, te, ids), kv) in enumerate(fns):
+                for i, (fn, args) in enumerate(fns):
                     t0 = time.perf_counter()
-                    mx.eval(forward(x, t, c, text_embeds=te, time_ids=ids, cross_kv=kv))
+                    mx.eval(fn(*args))
                     if r >= a.warmup:
                         runs[i].append(time.perf_counter() - t0)
             for label, model, times in zip(labels, models, runs):
@@ -154,6 +165,33 @@ def main(argv=None) -> int:
                        {"seconds": stats(times), "warmup_seconds": None, "peak_memory_bytes": peak}, model)
             fns = None
 
+    def alternating() -> None:
+        for name in a.models.split(","):
+            model = build(name)
+            args = model_inputs(name)
+            fns = [step_function(model, variant, args[2]) for variant in chosen]
+            runs = [[] for _ in fns]
+            peaks = [0] * len(fns)
+            for r in range(a.warmup + a.repeats):
+                for i, fn in enumerate(fns):
+                    free()
+                    mx.reset_peak_memory()
+                    t0 = time.perf_counter()
+                    mx.eval(fn(*args))
+                    if r >= a.warmup:
+                        runs[i].append(time.perf_counter() - t0)
+                        peaks[i] = max(peaks[i], mx.get_peak_memory())
+            label = f"refiner_q{a.bits}" if name == "refiner_q" else name
+            for variant, times, peak in zip(chosen, runs, peaks):
+                record(label, f"{variant}+alternating",
+                       {"seconds": stats(times), "warmup_seconds": None, "peak_memory_bytes": peak}, model)
+            model = fns = None
+            free()
+
+    if a.interleave_variants:
+        alternating()
+        print(f"wrote {a.json}", file=sys.stderr)
+        return 0
     for name in a.models.split(","):
         config = unet_config(name)
         args = model_inputs(name)
@@ -167,7 +205,7 @@ def main(argv=None) -> int:
                 q = quantize.quantize_unet(build_random("unet", config, dtype, seed=1), bits=a.bits, convs=convs)
                 free()
                 label = f"q{a.bits}" + ("" if convs else "_linear_only")
-                variants(f"refiner_{label}", q, args, VARIANTS if convs else ("eager", "eager_kv"))
+                variants(f"refiner_{label}", q, args, VARIANTS if convs else ("eager", "eager_kv", "eager_kv_paced"))
                 if convs:
                     key = "gpu" if mx.default_device().type == mx.gpu else "cpu"
                     default = quantize.DENSE_TOKENS[key]

@@ -62,6 +62,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                      help="also time a whole image of N steps as few-step models run (the base alone, Euler "
                           "with trailing spacing, guidance 0: one UNet batch per step), after the --steps one")
     run.add_argument("--low-memory", action="store_true", help="whole images free each model after its stage")
+    run.add_argument("--base-bits", type=int, choices=BITS, help="--memory-profile: quantize the base UNet")
+    run.add_argument("--memory-profile", action="store_true",
+                     help="instead of timing: one whole image (--steps, the first call, loads included) with the "
+                          "weights, peak and working memory of each stage against estimate_memory's figures")
     run.add_argument("--compile", action="store_true",
                      help="time the UNet steps through the compiled forward pass (the pipeline's compile=True)")
     run.add_argument("--compare", choices=("diffusers",),
@@ -113,6 +117,23 @@ def _check(args, parser) -> Optional[str]:
     return None
 
 
+def _memory_profile(args, base, refiner, dtype: str, machine: dict, log) -> int:
+    import json
+
+    from mlx_sdxl.weights import parse_dtype
+
+    from .memory_profile import profile
+
+    out = profile(base, refiner, dtype=parse_dtype(dtype), width=args.width, height=args.height, steps=args.steps,
+                  high_noise_frac=args.high_noise_frac, low_memory=args.low_memory, base_bits=args.base_bits,
+                  refiner_bits=args.refiner_bits if refiner is not None else None, log=print)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "memory_profile": out}, f, indent=1)
+        log(f"wrote {args.json}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None, prog: str = "python -m bench") -> int:
     parser = build_parser(prog)
     try:
@@ -151,13 +172,16 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m bench") -> int
     from .models import open_sources
 
     try:
-        base, refiner = open_sources(args.model, args.refiner, args.random_weights, args.tiny)
+        base, refiner = open_sources(args.model, args.refiner, args.random_weights, args.tiny,
+                                     lazy=args.memory_profile)
     except SDXLError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     if refiner is None and args.refiner_bits:
         log("note: --refiner-bits has no effect without a refiner")
 
+    if args.memory_profile:
+        return _memory_profile(args, base, refiner, dtypes[0], machine, log)
     compare = None
     compare_info = {}
     if args.compare == "diffusers":

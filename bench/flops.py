@@ -89,11 +89,11 @@ def unet_flops(config, height: int, width: int, batch: int = 1, n_ids: int = 6, 
 
 
 def vae_decode_flops(config, height: int, width: int, batch: int = 1) -> int:
-    """One VAE decode of latents height × width."""
+    """One VAE decode of latents height × width (whole: the exact tiling's halos add a little)."""
     from mlx_sdxl.models.vae import AutoencoderKL
 
     vae = AutoencoderKL(config, upcast=False)
-    return count_flops(vae.decode, mx.zeros((batch, height, width, config.latent_channels)))
+    return count_flops(vae.decode, mx.zeros((batch, height, width, config.latent_channels)), tiled=False)
 
 
 def text_encoder_flops(config, batch: int = 1, tokens: int = 77) -> int:

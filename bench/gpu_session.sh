@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
 # The standard set of GPU measurements, sized for one short lease (about 7 minutes on an H200 once
 # MLX's kernels are built), most wanted first, so a lease cut short keeps what matters:
+#   0. memory (issue #22): `bench --memory-profile` of a whole 1024² image in the three goal modes
+#      (default with a 4-bit refiner; low memory with the fp16 base; low memory with 4-bit base and
+#      refiner): the first call's peak, loads included, and each stage's weights, peak and working
+#      memory against estimate_memory; one UNet step paced (evaluated in segments, as the sampler
+#      does) against unpaced, step for step (bench.ab --interleave-variants); the VAE decode whole,
+#      exactly tiled at two tile sizes, and diffusers-style blended (bench.vae_memory);
+#      ONLY_MEMORY=1 stops after it;
 #   1. ab_q4: the dense refiner and the 4-bit one, compiled, keys and values made once per stage
 #      as the sampler does; each alone (time and peak), then both timed step for step in turn;
 #   2. the same with CUDA graphs off but a commit every N = 8 or 5 kernels
@@ -35,6 +42,17 @@ size=${SIZE:-1024}  # SIZE=64 TINY=1: a quick smoke test of this script on any m
 tiny=$([ "${TINY:-0}" = 1 ] && echo --tiny)
 common=(--width "$size" --height "$size" "${tiny:---random-weights}")
 (nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 || true) | tee -a "$out/log.txt"
+if [ "${SKIP_MEMORY:-0}" != 1 ]; then
+    mem=(python3 -m bench "${common[@]}" --memory-profile --dtype float16 --steps "${MEM_STEPS:-10}")
+    run 90 mem_default_q4 "${mem[@]}" --refiner-bits 4 --json "$out/mem_default_q4.json"
+    run 90 mem_low_fp16 "${mem[@]}" --low-memory --json "$out/mem_low_fp16.json"
+    run 90 mem_low_q4 "${mem[@]}" --low-memory --base-bits 4 --refiner-bits 4 --json "$out/mem_low_q4.json"
+    run 120 ab_paced python3 -m bench.ab --dtype float16 --size "$size" --repeats 10 --warmup 3 $tiny \
+        --models base,refiner_q --variants eager_kv,eager_kv_paced --interleave-variants --json "$out/ab_paced.json"
+    vae=(python3 -m bench.vae_memory --size "$size" --dtype float32 --repeats 3 $tiny)
+    run 60 vae_decode "${vae[@]}" --modes untiled,exact:128,exact:256,exact:512,blend --json "$out/vae_decode.json"
+    [ "${ONLY_MEMORY:-0}" = 1 ] && { ls -l "$out"; exit 0; }
+fi
 ab=(python3 -m bench.ab --dtype float16 --size "$size" --repeats 10 --warmup 3 --variants compiled_kv --interleave
     $tiny)
 run 150 ab_q4 "${ab[@]}" --models refiner,refiner_q --json "$out/ab_q4.json"

@@ -88,8 +88,9 @@ class WordTokenizer:
         return " ".join(str(i) for i in ids)
 
 
-def build_random(name: str, config: dict, dtype=None, seed: int = 0):
-    """A model part with random parameters (MLX's default initialisation), evaluated once."""
+def build_random(name: str, config: dict, dtype=None, seed: int = 0, evaluate: bool = True):
+    """A model part with random parameters (MLX's default initialisation), evaluated once, or
+    (`evaluate=False`) left lazy, to be made when first used, as weights mapped from a file are."""
     mx.random.seed(seed)
     if name == "unet":
         model = UNet2DConditionModel(UNetConfig.from_dict(config))
@@ -100,7 +101,8 @@ def build_random(name: str, config: dict, dtype=None, seed: int = 0):
     if dtype is not None:
         model.set_dtype(dtype)
     model.eval()
-    mx.eval(model.parameters())
+    if evaluate:
+        mx.eval(model.parameters())
     return model
 
 
@@ -120,10 +122,13 @@ def unet_inputs(cfg: UNetConfig, role: str, height: int, width: int, batch: int,
     return inputs
 
 
-def random_source(role: str, tiny: bool = False) -> ModelSource:
+def random_source(role: str, tiny: bool = False, lazy: bool = False) -> ModelSource:
+    """Random weights at the SDXL architecture (or a tiny one). `lazy`: each model's parameters are
+    made when first used, as a pipeline loading real files reads them (the loading peak is then
+    the real one: a 4-bit model, say, is quantized layer by layer, never held dense)."""
     configs = (TINY if tiny else FULL)[role]
     seeds = {"unet": 1 if role == BASE else 2, "vae": 3, "text_encoder": 4, "text_encoder_2": 5}
-    loaders = {name: (lambda n, c: (lambda dtype=None: build_random(n, c, dtype, seeds[n])))(name, cfg)
+    loaders = {name: (lambda n, c: (lambda dtype=None: build_random(n, c, dtype, seeds[n], not lazy)))(name, cfg)
                for name, cfg in configs.items()}
     tokenizers = {"tokenizer_2": lambda: WordTokenizer(pad=0)}
     if role == BASE:
@@ -137,10 +142,10 @@ def random_source(role: str, tiny: bool = False) -> ModelSource:
                        force_zeros_for_empty_prompt=role == BASE, requires_aesthetics_score=role == REFINER)
 
 
-def open_sources(model: Optional[str], refiner: Optional[str], random_weights: bool, tiny: bool):
-    """(base, refiner or None) ModelSources."""
+def open_sources(model: Optional[str], refiner: Optional[str], random_weights: bool, tiny: bool, lazy: bool = False):
+    """(base, refiner or None) ModelSources (`lazy`: see random_source)."""
     if random_weights or tiny:
-        return random_source(BASE, tiny), (random_source(REFINER, tiny) if refiner != "none" else None)
+        return random_source(BASE, tiny, lazy), (random_source(REFINER, tiny, lazy) if refiner != "none" else None)
     base = open_source(model, BASE)
     ref = open_source(refiner, REFINER) if refiner not in (None, "none") else None
     return base, ref

@@ -22,6 +22,7 @@ import secrets
 import sys
 import time
 import unicodedata
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -60,6 +61,7 @@ DEFAULTS = {
     "width": None,   # DEFAULT_SIDE from text; an input image keeps its own size unless both are given
     "height": None,
     "refiner_bits": None,
+    "base_bits": None,
     "low_memory": False,
     "dtype": None,  # float16 on GPU backends, float32 on the CPU backend
     "image": None,
@@ -191,12 +193,17 @@ def _size_arguments(group) -> None:
 def _memory_arguments(group) -> None:
     group.add_argument("--refiner-bits", dest="refiner_bits", type=int, choices=BITS,
                    help="quantize the refiner UNet to this many bits")
+    group.add_argument("--base-bits", dest="base_bits", type=int, choices=BITS,
+                   help="quantize the base UNet to this many bits")
     group.add_argument("--low-memory", dest="low_memory", action="store_true", default=None,
                    help="release each model when its stage is done; tiled VAE decode")
     group.add_argument("--dtype", choices=DTYPES, help="float16 on GPU backends, float32 on CPU (default)")
     group.add_argument("--compile", action="store_true",
                    help="run each UNet step as one compiled MLX graph (the first run builds the kernels; "
                         "see the README's Performance section for when it pays)")
+    group.add_argument("--dry-run", dest="dry_run", action="store_true",
+                   help="print the expected peak memory of each stage for these settings and exit, "
+                        "generating nothing (no weights load)")
 
 
 def _output_arguments(group) -> None:
@@ -308,6 +315,8 @@ def validate(settings: dict, explicit: set, args) -> None:
         settings["refiner_bits"] = None
     elif settings["refiner_bits"] is not None and settings["refiner_bits"] not in BITS:
         raise CLIError(f"--refiner-bits must be one of {BITS}, got {settings['refiner_bits']!r}")
+    if settings["base_bits"] is not None and settings["base_bits"] not in BITS:
+        raise CLIError(f"--base-bits must be one of {BITS}, got {settings['base_bits']!r}")
     if args.n_images is not None:
         _check_int(args.n_images, 1, "--n-images")
     if not _is_number(args.max_megapixels) or args.max_megapixels <= 0:
@@ -452,8 +461,13 @@ def cmd_generate(args) -> int:
     progress = Progress(quiet=args.quiet)
     pipe = SDXLPipeline.from_pretrained(
         settings["model"], settings["refiner"], dtype=getattr(mx, settings["dtype"]),
-        refiner_bits=settings["refiner_bits"], low_memory=bool(settings["low_memory"]), vae=settings["vae"],
-        compile=args.compile, prediction_type=settings["prediction_type"])
+        refiner_bits=settings["refiner_bits"], base_bits=settings["base_bits"],
+        low_memory=bool(settings["low_memory"]), vae=settings["vae"], compile=args.compile,
+        prediction_type=settings["prediction_type"])
+    guess = _memory_check(pipe, settings, (source_image, mask_image), args)
+    if args.dry_run:
+        print(guess.table())
+        return 0
     progress.timings = pipe.models.load_seconds.copy
     _load_embeddings(pipe, args, settings, progress)
     cli_lora.load_loras(pipe, loras, progress)
@@ -478,6 +492,18 @@ def cmd_generate(args) -> int:
     finally:
         progress.end()  # a bar cut short by Ctrl-C or an error still gets its newline
     return 0
+
+
+def _memory_check(pipe, settings: dict, inputs, args):
+    """The memory estimate of these settings; a warning on stderr (also with --quiet), with the
+    mode that fits, when it exceeds the machine's memory."""
+    from .pipeline.memory_estimate import suggest_for, warning_text
+
+    kwargs = generate_kwargs(settings, (*inputs[:2], ()), 0, args)  # ControlNets: not modelled
+    guess = pipe.estimate_memory(**kwargs)
+    if not guess.fits:
+        print(f"{PROG}: warning: {warning_text(guess, suggest_for(pipe, guess.mode, **kwargs))}", file=sys.stderr)
+    return guess
 
 
 def _load_embeddings(pipe, args, settings: dict, progress) -> None:
@@ -541,8 +567,12 @@ def finish_image(result, pipe, settings: dict, seed: int, args) -> tuple:
 
 
 def _generate_one(pipe, settings, inputs, seed, path, progress, args) -> None:
+    from .pipeline.memory_estimate import MemoryWarning
+
     t0 = time.perf_counter()
-    result = pipe.generate(**generate_kwargs(settings, inputs, seed, args), callback=progress)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MemoryWarning)  # cmd_generate said it once already
+        result = pipe.generate(**generate_kwargs(settings, inputs, seed, args), callback=progress)
     image, recorded = finish_image(result, pipe, settings, seed, args)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(image, path, recorded, overwrite=args.overwrite)

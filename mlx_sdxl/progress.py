@@ -13,6 +13,8 @@ import sys
 import time
 from typing import Callable, Optional
 
+from .spec import BASE, DECODE, ENCODE, REFINER
+
 
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
@@ -155,7 +157,7 @@ class Progress:
         self._end_bar()
         self._report_loads(timings)
         parts = []
-        for stage in ("encode", "base", "refiner", "decode"):
+        for stage in (ENCODE, BASE, REFINER, DECODE):
             t = timings.get(stage)
             if t is None:
                 continue

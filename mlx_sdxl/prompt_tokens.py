@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from .embeddings import Matcher
+from .lora.tags import strip_lora_tags
 from .prompt_syntax import parse_prompt
 from .spec import CHUNK_TOKENS, COMMA_BACKTRACK, MAX_PROMPT_CHUNKS
 
@@ -188,6 +189,8 @@ def tokenize_prompt(tokenizer, text: str, syntax: str, matcher: Optional[Matcher
     """`text`'s chunks in `syntax` ("plain" or "a1111") for `tokenizer`; `matcher` finds the
     loaded embeddings' tokens."""
     special = Special.of(tokenizer)
+    if syntax != "plain":
+        text = strip_lora_tags(text)  # <lora:NAME:SCALE> selects a LoRA; A1111 never shows it to CLIP
     fragments = parse_prompt(text, syntax)
     texts = [t for t, w in fragments if w is not None]
     lists = iter(tokenizer(texts, add_special_tokens=False, verbose=False).input_ids if texts else [])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -61,9 +62,15 @@ class ModelSource:
     def load(self, name: str, dtype=None):
         if name not in self.loaders:
             raise WeightsError(f"the {self.role} model ({self.description}) has no {name}")
-        try:
+        with self.reading_config(name):
             return self.loaders[name](dtype)
-        except (KeyError, TypeError) as e:  # a config field that is missing or of the wrong type
+
+    @contextmanager
+    def reading_config(self, name: str):
+        """Within: a config field that is missing or of the wrong type is a WeightsError naming the part."""
+        try:
+            yield
+        except (KeyError, TypeError) as e:
             what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
             raise WeightsError(f"the {self.role} {name} config in {self.description} does not describe an SDXL "
                                f"{name} ({what})") from None

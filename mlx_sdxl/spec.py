@@ -14,6 +14,7 @@ from .errors import InputError
 # ---------------------------------------------------------------- names
 BASE, REFINER = "base", "refiner"          # the two SDXL models, and the stages they run
 DECODE = "decode"                          # the VAE stage, as progress callbacks name it
+ENCODE = "encode"                          # the text-encoding stage, as timings name it
 STAGES = (BASE, REFINER)
 MODEL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 TOKENIZERS = ("tokenizer", "tokenizer_2")

@@ -124,8 +124,8 @@ def read_safetensors_header(path) -> dict:
         raise _bad_header(path, f"the header is a JSON {_json_type(header)}")
     end = 0
     for name, entry in header.items():
-        if name == "__metadata__":
-            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+        if name == "__metadata__":  # MLX writes null when there is none
+            if entry is not None and (not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values())):
                 raise _bad_header(path, "__metadata__ is not an object of strings")
             continue
         end = max(end, _check_entry(path, name, entry))

@@ -38,9 +38,11 @@ def test_result_carries_images_seeds_settings_timings(pipe):
         assert json.loads(image.info["mlx_sdxl"])["prompt"] == settings["prompt"]
     assert result.settings[0]["high_noise_frac"] == 0.8 and "refiner" in result.settings[0]
     t = result.timings
-    assert isinstance(t["encode"], float) and t["encode"] > 0
-    assert (t[BASE].steps, t[REFINER].steps, t["decode"].steps) == (4, 1, 1)
-    assert all(t[k].seconds > 0 and t[k].peak_memory > 0 for k in (BASE, REFINER, "decode"))
+    assert (t["encode"].steps, t[BASE].steps, t[REFINER].steps, t["decode"].steps) == (0, 4, 1, 1)
+    for k in ("encode", BASE, REFINER, "decode"):  # every stage: time, peak, resident weights
+        assert t[k].seconds > 0 and t[k].peak_memory >= t[k].weights_memory > 0
+    assert t["decode"].weights_memory == pipe.models.resident_bytes()
+    assert result.peak_memory >= max(t[k].peak_memory for k in ("encode", BASE, REFINER, "decode"))
     assert not hasattr(pipe, "last_timings") and not hasattr(pipe, "last_seed")
 
 

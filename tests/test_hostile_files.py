@@ -169,6 +169,14 @@ def test_valid_header_still_reads(tmp_path):
     assert w["a"].dtype == mx.float16 and w["i"].tolist() == [0, 1, 2]
 
 
+def test_mlx_written_file_with_null_metadata_reads(tmp_path):
+    """MLX's own writer puts "__metadata__": null in the header; that is a valid file."""
+    path = tmp_path / "mlx.safetensors"
+    mx.save_safetensors(str(path), {"a": mx.arange(4, dtype=mx.float32)})
+    assert b'"__metadata__":null' in path.read_bytes()[:200]
+    assert load_safetensors(path)["a"].tolist() == [0, 1, 2, 3]
+
+
 def test_bad_shard_index(base_copy, out_dir):
     unet = base_copy / "unet"
     (unet / "diffusion_pytorch_model.safetensors").rename(unet / "shard.safetensors")

@@ -541,6 +541,20 @@ def test_prompt_tags():
             parse_lora_tags(bad)
 
 
+def test_a1111_syntax_keeps_lora_tags_from_the_text_encoders(tiny_sdxl):
+    """In the Python API with prompt_syntax="a1111", <lora:...> tags never reach CLIP (as in A1111);
+    in "plain" syntax the text is the text, as diffusers reads it."""
+    from mlx_sdxl.prompt_tokens import tokenize_prompt
+    from mlx_sdxl.sources import diffusers_folder
+
+    tok = diffusers_folder(tiny_sdxl[0]).tokenizer("tokenizer")
+    tagged = tokenize_prompt(tok, "a red cat <lora:style:0.8>", "a1111")
+    clean = tokenize_prompt(tok, "a red cat ", "a1111")
+    assert np.array_equal(tagged.ids, clean.ids) and np.array_equal(tagged.weights, clean.weights)
+    assert not np.array_equal(tokenize_prompt(tok, "a red cat <lora:style:0.8>", "plain").ids,
+                              tokenize_prompt(tok, "a red cat ", "plain").ids)
+
+
 # ---------------------------------------------------------------- command line, metadata, convert
 def _cli(*argv):
     import contextlib
@@ -596,7 +610,10 @@ def test_cli_lora_flags_tags_metadata_and_from(tiny_sdxl, lora_dir, tmp_path):
     pipe.load_lora(lora_dir / "flagged.safetensors", -0.8)
     want = pipe.generate(PROMPT + " ", num_inference_steps=4, height=64, width=64, seed=3, prompt_syntax="a1111")
     np.testing.assert_array_equal(_pixels(tmp_path / "a.png"), np.asarray(want.images[0]))
-    plain = pipe.generate(prompt, num_inference_steps=4, height=64, width=64, seed=3, prompt_syntax="a1111")
+    tagged = pipe.generate(prompt, num_inference_steps=4, height=64, width=64, seed=3, prompt_syntax="a1111")
+    np.testing.assert_array_equal(np.asarray(tagged.images[0]), np.asarray(want.images[0]))  # tags never reach CLIP
+    pipe.unload_lora()
+    plain = pipe.generate(PROMPT + " ", num_inference_steps=4, height=64, width=64, seed=3, prompt_syntax="a1111")
     assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(want.images[0]))  # LoRAs change it
     # --from loads both again: the tag from the prompt, the other by name from the LoRA folder
     models = ["--models-dir", tiny_sdxl[0].parent]

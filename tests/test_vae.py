@@ -140,7 +140,7 @@ def tiled_ref(tiny):
 def test_tiled_decode_matches_diffusers(tiled_ref, ours, batch, size):
     z = random((batch, *size, 4), 3)
     want = nhwc(tiled_ref.decode(nchw(z)).sample)
-    got = ours.decode(mx.array(z), tiled=True)
+    got = ours.decode(mx.array(z), tiled="blend")  # diffusers' blended tiling (exact tiling: test_vae_tiling)
     assert got.shape == want.shape == (batch, size[0] * 8, size[1] * 8, 3)
     assert rel(got, want) <= 1e-4
 
@@ -148,7 +148,7 @@ def test_tiled_decode_matches_diffusers(tiled_ref, ours, batch, size):
 def test_tiled_encode_matches_diffusers(tiled_ref, ours):
     x = np.tanh(random((1, 160, 112, 3), 4))
     post = tiled_ref.encode(nchw(x)).latent_dist
-    got = ours.encode(mx.array(x), tiled=True)
+    got = ours.encode(mx.array(x), tiled="blend")
     assert got.mean.shape == (1, 20, 14, 4)
     assert rel(got.mean, nhwc(post.mean)) <= 1e-4
     assert rel(got.logvar, nhwc(post.logvar)) <= 1e-4
@@ -156,11 +156,12 @@ def test_tiled_encode_matches_diffusers(tiled_ref, ours):
 
 def test_tiled_vs_untiled(ours):
     z = mx.array(random((1, 20, 14, 4), 5))
-    ours.enable_tiling(tile_sample_size=64)  # 8-latent tiles, stride 6, blend 16 px, keep 48 px
+    ours.enable_tiling(tile_sample_size=64)  # blend settings: 8-latent tiles, stride 6, blend 16 px, keep 48 px
     try:
-        tiled = ours.decode(z)  # tiled=None follows enable_tiling
-        first = ours.decode(z[:, :8, :8])  # fits in one tile: tiling does not trigger
+        tiled = ours.decode(z, tiled="blend")
+        first = ours.decode(z[:, :8, :8], tiled="blend")  # fits in one tile: tiling does not trigger
         assert np.array_equal(np.array(first), np.array(ours.decode(z[:, :8, :8], tiled=False)))
+        assert np.array_equal(np.array(ours.decode(z, tiled="blend", tile_size=64)), np.array(tiled))
     finally:
         ours.disable_tiling()
     # The first tile's kept part is never blended: it is that tile decoded alone.
@@ -171,6 +172,7 @@ def test_tiled_vs_untiled(ours):
     # even one 8×8-latent tile decoded alone differs from the same crop of the full decode
     # by ~1.2 relative L2. Measured tiled-vs-untiled relative L2 here: 0.897 (the tiling
     # itself is pinned to diffusers' tiled_decode above, to 1e-4). Bound: < 1.0.
+    # (20×14 latents = 160×112 px fit in one 256 px default tile: decode(z) ran untiled.)
     diff = rel(tiled, untiled)
     assert 1e-3 < diff < 1.0
     assert np.isfinite(np.array(tiled)).all()
@@ -187,7 +189,7 @@ def test_tiled_decode_bounds_peak_memory(ours):
         untiled = mx.get_peak_memory()
         mx.clear_cache()
         mx.reset_peak_memory()
-        mx.eval(ours.decode(z, tiled=True))
+        mx.eval(ours.decode(z, tiled="blend"))
         tiled = mx.get_peak_memory()
     finally:
         ours.disable_tiling()

@@ -6,6 +6,9 @@
     mid  : resnet, transformer, resnet
     up   : per level, cat([h, skip]) → resnet (+ transformer), layers_per_block + 1 times, then 2× upsample
     out  = conv_out(silu(conv_norm_out(h)))
+
+Each resnet, transformer layer and resampler ends with `pace(h)` (models/pacing.py): inside a
+pipeline step that evaluates the step in segments, so the host never runs far ahead of the device.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from ..errors import ConfigError, InputError, WeightsError
 from ..weights import apply_weights, load_folder_weights, parse_dtype, read_config, torch_to_mlx
 from .blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D, group_norm
 from .cpu_kernels import by_row_chunks, geglu, geglu_halves, silu
+from .pacing import pace, pacing
 
 DOWN_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -348,6 +352,7 @@ class Transformer2DModel(nn.Module):
         y = self.proj_in(self.norm(x).reshape(b, h * w, c))
         for block in self.transformer_blocks:
             y = block(y, cross_kv)
+            pace(y)
         return x + self.proj_out(y).reshape(b, h, w, c)
 
 
@@ -369,11 +374,13 @@ class DownBlock(nn.Module):
         attns = self.get("attentions") or [None] * len(self.resnets)
         for resnet, attn in zip(self.resnets, attns):
             x = resnet(x, temb)
+            pace(x)
             if attn is not None:
                 x = attn(x, cross_kv)
             skips.append(x)
         if "downsamplers" in self:
             x = self.downsamplers[0](x)
+            pace(x)
             skips.append(x)
         return x, skips
 
@@ -396,10 +403,12 @@ class UpBlock(nn.Module):
         attns = self.get("attentions") or [None] * len(self.resnets)
         for resnet, attn in zip(self.resnets, attns):
             x = resnet(mx.concatenate([x, skips.pop()], axis=-1), temb)
+            pace(x)
             if attn is not None:
                 x = attn(x, cross_kv)
         if "upsamplers" in self:
             x = self.upsamplers[0](x, size)
+            pace(x)
         return x
 
 
@@ -414,6 +423,7 @@ class MidBlock(nn.Module):
 
     def __call__(self, x, temb, cross_kv):
         x = self.resnets[0](x, temb)
+        pace(x)
         x = self.attentions[0](x, cross_kv)
         return self.resnets[1](x, temb)
 
@@ -613,9 +623,10 @@ class UNet2DConditionModel(nn.Module):
             # checked before tracing, so bad input gets a clear error; without residuals the
             # call (and its trace) is the plain one
             args = self._forward_args(sample, timestep, context, text_embeds, time_ids, cross_kv)
-            return forward(*args, **self._residuals(sample, down_block_additional_residuals,
-                                                    mid_block_additional_residual),
-                           **self._timestep_cond(sample, timestep_cond))
+            with pacing(None):  # a trace cannot be evaluated in segments
+                return forward(*args, **self._residuals(sample, down_block_additional_residuals,
+                                                        mid_block_additional_residual),
+                               **self._timestep_cond(sample, timestep_cond))
 
         return call
 

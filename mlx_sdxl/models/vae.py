@@ -12,15 +12,23 @@ Precision policy (`upcast`, set by `load_vae` / `vae_from_weights`):
   computes in that dtype.
 - True: always compute in float32. False: always compute in the storage dtype.
 
-Tiling (like diffusers' `enable_tiling`): `decode(z, tiled=True)` / `encode(x, tiled=True)`,
-or `vae.enable_tiling()` to make it the default. A tiled call splits inputs larger than
-one tile into overlapping tiles (`tile_sample_size` pixels = `tile_sample_size / 8`
-latents, default config.sample_size = 1024 px / 128 latents; neighbouring tiles start
-int(tile_latent · (1 − overlap)) latents apart, overlap 0.25 by default), runs and
-evaluates each tile on its own (memory is bounded by the tile size), blends each tile
-with its (already blended) upper then left neighbour by linear ramps over the overlap,
-and keeps the first (1 − overlap) of each tile. This reproduces diffusers' tiled_decode
-/ _tiled_encode whenever their pixel and latent geometries agree (always for 0.25).
+Tiling (`tiled=` on decode / encode; `tile_size=` in image pixels, a multiple of 8):
+- None (default): exact tiling when the image is larger than one tile along either side
+  (the default tile is vae_tiling.DEFAULT_TILE_SIZE = 256 px), else untiled.
+- True or "exact": the same (an image that fits in one tile runs untiled).
+- False: never tile.
+- "blend": diffusers' enable_tiling. Each tile (`tile_size`, else `tile_sample_size`, default
+  config.sample_size = 1024 px; neighbours int(tile · (1 − overlap)) latents apart, overlap
+  0.25) is decoded on its own, with its own GroupNorm statistics and attention, then blended
+  into its upper and left neighbours by linear ramps: this CHANGES the image (seams), and
+  reproduces diffusers' tiled_decode / _tiled_encode. `enable_tiling(size, overlap)` sets
+  these blend settings only.
+Exact tiling equals the untiled result up to float rounding: the convolutions run tile by
+tile with a one-pixel halo and every GroupNorm uses whole-image statistics, gathered as the
+tiles are made; only the mid block's attention sees the whole (latent) map, a chunk of query
+rows at a time. Peak memory is a few full-resolution feature maps plus one tile's working
+set (see vae_tiling). On MLX-CPU it is the MORE accurate of the two at full size: MLX's own
+GroupNorm there sums each group in one long float32 sum (~1e-5 relative error per norm).
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Tuple
+from numbers import Integral
+from typing import Callable, Mapping, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -38,6 +47,7 @@ from mlx.utils import tree_map
 from ..errors import ConfigError, InputError, WeightsError
 from ..weights import apply_weights, load_folder_weights, parse_dtype, read_config, torch_to_mlx
 from .blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D, group_norm
+from .vae_tiling import DEFAULT_TILE_SIZE, blended, decode_exact, encode_exact
 
 EPS = 1e-6  # every GroupNorm in the VAE
 
@@ -224,49 +234,11 @@ class DiagonalGaussian:
         return self.mean
 
 
-def _blend(a: mx.array, b: mx.array, extent: int, axis: int) -> mx.array:
-    """Cross-fade the end of `a` into the start of `b` along `axis` with a linear ramp."""
-    e = min(a.shape[axis], b.shape[axis], extent)
-    if e == 0:
-        return b
-    shape = [1] * b.ndim
-    shape[axis] = e
-    w = np.arange(e, dtype=np.float64) / e
-    w_b = mx.array(w.reshape(shape), dtype=b.dtype)
-    w_a = mx.array((1 - w).reshape(shape), dtype=b.dtype)
-    a_tail = mx.split(a, [a.shape[axis] - e], axis=axis)[1]
-    b_head, b_rest = mx.split(b, [e], axis=axis)
-    return mx.concatenate([a_tail * w_a + b_head * w_b, b_rest], axis=axis)
-
-
-def _tiled(fn: Callable[[mx.array], mx.array], x: mx.array, tile: int, stride: int, blend: int,
-           keep: int) -> mx.array:
-    """Apply `fn` to tile×tile windows of NHWC `x` that start every `stride`, evaluating
-    each on its own; blend each output tile into its blended upper, then left neighbour
-    over `blend` rows/columns and keep its first `keep` rows and columns."""
-    height, width = x.shape[1:3]
-    above, rows = [], []
-    for i in range(0, height, stride):
-        row = []
-        for j in range(0, width, stride):
-            t = fn(x[:, i:i + tile, j:j + tile])
-            if above:
-                t = _blend(above[len(row)], t, blend, axis=1)
-            if row:
-                t = _blend(row[-1], t, blend, axis=2)
-            mx.eval(t)
-            row.append(t)
-        rows.append(mx.concatenate([t[:, :keep, :keep] for t in row], axis=2))
-        above = row
-    return mx.concatenate(rows, axis=1)
-
-
 class AutoencoderKL(nn.Module):
     def __init__(self, config: VAEConfig, upcast: Optional[bool] = None):
         super().__init__()
         self.config = config
         self.upcast = upcast
-        self.use_tiling = False
         self.tile_sample_size = config.sample_size
         self.tile_overlap = 0.25
         self.encoder = Encoder(config)
@@ -305,22 +277,48 @@ class AutoencoderKL(nn.Module):
 
     # -- tiling
     def enable_tiling(self, tile_sample_size: Optional[int] = None, overlap: Optional[float] = None) -> None:
-        """Make `tiled=None` mean tiled; optionally set the tile size (pixels) and overlap fraction."""
-        size = self.tile_sample_size if tile_sample_size is None else int(tile_sample_size)
+        """Set the settings of `tiled="blend"` (diffusers' blended tiling): tile size in pixels
+        and overlap fraction. Exact tiling (the default for large images) does not read them."""
+        size = self.tile_sample_size if tile_sample_size is None else tile_sample_size
         overlap = self.tile_overlap if overlap is None else float(overlap)
+        size = self._tile_pixels(size, "tile_sample_size")
         f = self.config.scale_factor
-        if size < f or size % f:
-            raise InputError(f"tile_sample_size must be a positive multiple of {f} pixels, got {size}")
         if not 0 <= overlap < 1 or int(size // f * (1 - overlap)) < 1:
             raise InputError(f"tile overlap must be in [0, 1) and leave a stride of at least 1 latent, got {overlap}")
-        self.tile_sample_size, self.tile_overlap, self.use_tiling = size, overlap, True
+        self.tile_sample_size, self.tile_overlap = size, overlap
 
     def disable_tiling(self) -> None:
-        self.use_tiling = False
+        """Restore the default blend settings (config.sample_size pixels, overlap 0.25)."""
+        self.tile_sample_size, self.tile_overlap = self.config.sample_size, 0.25
 
-    def _tile_geometry(self) -> Tuple[int, int]:
-        """(tile, stride) in latents."""
-        tile = self.tile_sample_size // self.config.scale_factor
+    def _tile_pixels(self, size, what: str = "tile_size") -> int:
+        f = self.config.scale_factor
+        if isinstance(size, bool) or not isinstance(size, Integral) or size < f or size % f:
+            raise InputError(f"{what} must be a positive multiple of {f} pixels (the VAE's scale factor), "
+                             f"e.g. {DEFAULT_TILE_SIZE}; got {size!r}")
+        return int(size)
+
+    def _tiling(self, tiled, tile_size, height: int, width: int) -> Tuple[Optional[str], int]:
+        """(mode, tile pixels) of a call on a `height`×`width`-pixel image: mode "exact",
+        "blend" or None (untiled); a mode other than "blend" tiles only images larger than a tile."""
+        if not (tiled is None or isinstance(tiled, bool) or (isinstance(tiled, str) and tiled in ("exact", "blend"))):
+            raise InputError(f"tiled must be None (tile when larger than a tile), True or 'exact', False "
+                             f"or 'blend' (diffusers' blended tiling); got {tiled!r}")
+        if tiled == "blend":
+            tile = self.tile_sample_size if tile_size is None else self._tile_pixels(tile_size)
+            f = self.config.scale_factor
+            if int(tile // f * (1 - self.tile_overlap)) < 1:
+                raise InputError(f"tile_size {tile} leaves blended tiles no stride at overlap {self.tile_overlap}; "
+                                 f"accepted: tiles of at least {f} / (1 - overlap) pixels")
+        else:
+            tile = DEFAULT_TILE_SIZE if tile_size is None else self._tile_pixels(tile_size)
+        if tiled is False or max(height, width) <= tile:
+            return None, tile
+        return ("blend" if tiled == "blend" else "exact"), tile
+
+    def _blend_geometry(self, tile_px: int) -> Tuple[int, int]:
+        """(tile, stride) in latents of blended tiling with `tile_px`-pixel tiles."""
+        tile = tile_px // self.config.scale_factor
         return tile, int(tile * (1 - self.tile_overlap))
 
     # -- checks
@@ -337,34 +335,46 @@ class AutoencoderKL(nn.Module):
         return x
 
     # -- public
-    def encode(self, x: mx.array, tiled: Optional[bool] = None) -> DiagonalGaussian:
-        """NHWC image in [-1, 1] → posterior over unscaled latents (H/8 × W/8 for SDXL)."""
+    def encode(self, x: mx.array, tiled: Union[None, bool, str] = None,
+               tile_size: Optional[int] = None) -> DiagonalGaussian:
+        """NHWC image in [-1, 1] → posterior over unscaled latents (H/8 × W/8 for SDXL).
+        `tiled` / `tile_size` (image pixels): see the module docstring."""
         f = self.config.scale_factor
         x = self._check(x, "image", self.config.in_channels, f)
-        tile, stride = self._tile_geometry()
+        mode, tile = self._tiling(tiled, tile_size, *x.shape[1:3])
         with self._computing() as dtype:
             x = x.astype(dtype)
-            run = lambda t: self.quant_conv(self.encoder(t))
-            if (self.use_tiling if tiled is None else tiled) and max(x.shape[1:3]) > tile * f:
-                moments = _tiled(run, x, tile * f, stride * f, blend=tile - stride, keep=stride)
+            if mode == "exact":
+                moments = self.quant_conv(encode_exact(self.encoder, x, tile, self.config.norm_num_groups))
+            elif mode == "blend":
+                t, stride = self._blend_geometry(tile)
+                run = lambda t: self.quant_conv(self.encoder(t))
+                moments = blended(run, x, t * f, stride * f, blend=t - stride, keep=stride)
             else:
-                moments = run(x)
+                moments = self.quant_conv(self.encoder(x))
         return DiagonalGaussian(moments)
 
-    def decode(self, z: mx.array, tiled: Optional[bool] = None,
-               between_blocks: Optional[Callable[[mx.array], None]] = None) -> mx.array:
+    def decode(self, z: mx.array, tiled: Union[None, bool, str] = None,
+               between_blocks: Optional[Callable[[mx.array], None]] = None,
+               tile_size: Optional[int] = None) -> mx.array:
         """UNSCALED NHWC latents (divide by config.scaling_factor first) → NHWC image ≈ [-1, 1].
+        `tiled` / `tile_size` (image pixels): see the module docstring.
 
-        `between_blocks(x)` is called after each decoder up block (of each tile), e.g.
-        `mx.eval`, so that a long decode returns to Python (and Ctrl-C) between blocks."""
+        `between_blocks(x)` is called after each decoder up block of an untiled (or blended,
+        per tile) decode, e.g. `mx.eval`, so that a long decode returns to Python (and Ctrl-C)
+        between blocks. An exact tiled decode does not call it: it evaluates tile by tile,
+        returning to Python after each tile anyway."""
         f = self.config.scale_factor
         z = self._check(z, "latents", self.config.latent_channels, 1)
-        tile, stride = self._tile_geometry()
+        mode, tile = self._tiling(tiled, tile_size, z.shape[1] * f, z.shape[2] * f)
         with self._computing() as dtype:
             z = z.astype(dtype)
+            if mode == "exact":
+                return decode_exact(self.decoder, self.post_quant_conv(z), tile, self.config.norm_num_groups)
             run = lambda t: self.decoder(self.post_quant_conv(t), between_blocks)
-            if (self.use_tiling if tiled is None else tiled) and max(z.shape[1:3]) > tile:
-                return _tiled(run, z, tile, stride, blend=(tile - stride) * f, keep=stride * f)
+            if mode == "blend":
+                t, stride = self._blend_geometry(tile)
+                return blended(run, z, t, stride, blend=(t - stride) * f, keep=stride * f)
             return run(z)
 
 

@@ -127,6 +127,11 @@ class ModelCache:
         with self._lock:
             return list(self._models)
 
+    def resident_bytes(self) -> int:
+        """Bytes of the weights of every loaded model (each shared model once)."""
+        with self._lock:
+            return sum(v.nbytes for m in self._models.values() for _, v in tree_flatten(m.parameters()))
+
     def items(self) -> List[Tuple[Tuple[str, str], object]]:
         """((part, fingerprint), model) of every loaded model."""
         with self._lock:

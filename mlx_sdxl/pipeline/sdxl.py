@@ -28,8 +28,9 @@ from .compat import check_compatible
 from .controlnets import ControlNets, with_controls
 from .plan import Plan, Request, make_plan
 from .prompts import PromptTexts, encode_prompt
-from .result import GenerationResult
-from . import runner
+from .result import GenerationResult, Timings
+from . import memory_estimate, runner
+from .memory_estimate import MemoryEstimate
 from .stage import Callback, Stage
 
 LOW_MEMORY_CACHE_BYTES = 256 * 1024 * 1024
@@ -246,6 +247,16 @@ class SDXLPipeline(AddOns):
         `strength` share of the schedule. Returns what `__call__` returns."""
         return self.generate(**{k: v for k, v in locals().items() if k != "self"}, high_noise_frac=0.0).images
 
+    def estimate_memory(self, width: Optional[int] = None, height: Optional[int] = None,
+                        **kwargs) -> MemoryEstimate:
+        """The expected peak memory (bytes) of each stage (encode, base, refiner, decode) of
+        `generate(width=, height=, **kwargs)`, from the architecture and a working-memory model
+        (pipeline/memory_estimate.py), before any weights load. `kwargs`: generate()'s keywords
+        (the prompt is not needed), and low_memory, base_bits, refiner_bits or text_encoder_bits
+        to ask what another mode would need. `.table()` prints it; `.fits` compares the peak
+        with the machine's memory."""
+        return memory_estimate.for_request(self, width=width, height=height, **kwargs)
+
     # ------------------------------------------------------------------ running a plan (see runner.py)
     def _run(self, plan: Plan, callback: Optional[Callable]) -> GenerationResult:
         return runner.run_plan(self, plan, callback)
@@ -258,13 +269,13 @@ class SDXLPipeline(AddOns):
 
 
     def run_first_stage(self, plan: Plan, callback: Optional[Callback] = None,
-                        timings: Optional[dict] = None) -> Tuple[mx.array, Tuple[Stage, ...]]:
+                        timings: Optional[Timings] = None) -> Tuple[mx.array, Tuple[Stage, ...]]:
         """Encode every stage's conditioning and run a text-to-image plan's first stage: (its
         latents, the later stages with their conditioning). Loads the text encoders and that UNet."""
         return runner.run_first_stage(self, plan, callback, timings)
 
     def run_last_stages(self, plan: Plan, x: mx.array, stages: Tuple[Stage, ...] = (),
-                        callback: Optional[Callback] = None, timings: Optional[dict] = None) -> GenerationResult:
+                        callback: Optional[Callback] = None, timings: Optional[Timings] = None) -> GenerationResult:
         """Run `stages` (conditioned, e.g. by `run_first_stage` in another process) on the
         latents `x`, then decode: what `generate` returns for `plan`. Loads those UNets and the VAE."""
         return runner.run_last_stages(self, plan, x, stages, callback, timings)

@@ -9,6 +9,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from ..conditioning import guide
+from ..models.pacing import Pacer, pacing
 from ..schedulers import Scheduler
 from ..sources import ModelSource
 from .health import nonfinite, nonfinite_error
@@ -86,17 +87,22 @@ class Stage:
 
     def run(self, unet, x: mx.array, callback: Optional[Callback] = None,
             forward: Optional[Callable] = None) -> Tuple[mx.array, StageTiming]:
-        """Denoise `x` over this stage's steps with one mx.eval per step. `forward` is the
-        UNet as each step calls it (e.g. compiled); `unet` itself by default."""
-        forward = forward or unet
+        """Denoise `x` over this stage's steps with one mx.eval per step, each step evaluated in
+        segments at the UNet's block boundaries (models/pacing.py: bounded run-ahead, so bounded
+        memory). `forward` is the UNet as each step calls it (e.g. compiled); `unet` by default."""
+        t0 = time.perf_counter()
+        mx.reset_peak_memory()
+        cross_kv = unet.cross_attention_kv(self.conditioning.unet_batch()[0])  # the prompt's keys and values
+        mx.eval(cross_kv)  # once per stage; freed when the stage returns
+        with pacing(Pacer()):
+            x = self._loop(unet, forward or unet, x, cross_kv, callback)
+        return x, StageTiming(time.perf_counter() - t0, len(self.steps), mx.get_peak_memory())
+
+    def _loop(self, unet, forward, x, cross_kv, callback) -> mx.array:
         embeds, pooled, time_ids = self.conditioning.unet_batch()
         sched, guided, total = self.scheduler, self.guidance.active, len(self.steps)
         step_keys = [mx.random.split(k, max(total, 1)) for k in self.keys] if sched.stochastic else None
-        t0 = time.perf_counter()
-        mx.reset_peak_memory()
         extra = self.guidance.unet_kwargs(x.shape[0])  # an LCM UNet's guidance embedding
-        cross_kv = unet.cross_attention_kv(embeds)  # the prompt's keys and values, once per stage
-        mx.eval(cross_kv)
         for n, i in enumerate(self.steps):
             t = float(sched.timesteps[i])
             xin = sched.scale_model_input(x, i)
@@ -120,5 +126,5 @@ class Stage:
                                       "unet", unet)
             if callback is not None and callback(self.name, n + 1, total, x) is False:
                 raise Cancelled()
-        return x, StageTiming(time.perf_counter() - t0, total, mx.get_peak_memory())
+        return x
 
