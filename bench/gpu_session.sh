@@ -47,10 +47,10 @@ if [ "${SKIP_MEMORY:-0}" != 1 ]; then
     run 90 mem_default_q4 "${mem[@]}" --refiner-bits 4 --json "$out/mem_default_q4.json"
     run 90 mem_low_fp16 "${mem[@]}" --low-memory --json "$out/mem_low_fp16.json"
     run 90 mem_low_q4 "${mem[@]}" --low-memory --base-bits 4 --refiner-bits 4 --json "$out/mem_low_q4.json"
-    run 120 ab_paced python3 -m bench.ab --dtype float16 --size "$size" --repeats 10 --warmup 3 $tiny \
-        --models base,refiner_q --variants eager_kv,eager_kv_paced --interleave-variants --json "$out/ab_paced.json"
-    vae=(python3 -m bench.vae_memory --size "$size" --dtype float32 --repeats 3 $tiny)
+    vae=(python3 -m bench.vae_memory --size "$size" --dtype float32 --repeats 2 $tiny)
     run 60 vae_decode "${vae[@]}" --modes untiled,exact:128,exact:256,exact:512,blend --json "$out/vae_decode.json"
+    run 120 ab_paced python3 -m bench.ab --dtype float16 --size "$size" --repeats 6 --warmup 2 $tiny \
+        --models base,refiner_q --variants eager_kv,eager_kv_paced --interleave-variants --json "$out/ab_paced.json"
     [ "${ONLY_MEMORY:-0}" = 1 ] && { ls -l "$out"; exit 0; }
 fi
 ab=(python3 -m bench.ab --dtype float16 --size "$size" --repeats 10 --warmup 3 --variants compiled_kv --interleave
