@@ -203,7 +203,8 @@ def test_paced_steps_equal_unpaced_and_run_in_segments(tiny_sdxl):
         paced = unet(x, 500.0, ctx, text_embeds=pooled, time_ids=ids)
         compiled = unet.compiled()(x, 500.0, ctx, text_embeds=pooled, time_ids=ids)  # traced unpaced
     mx.eval(plain, paced, compiled)
-    assert pacer.segments >= len(unet.transformer_blocks()) + 4
+    assert pacer.boundaries >= len(unet.transformer_blocks()) + 4  # every layer (compiled: none)
+    assert pacer.segments == pacer.boundaries // pacing.STRIDE
     np.testing.assert_array_equal(np.array(plain), np.array(paced))
     np.testing.assert_allclose(np.array(compiled), np.array(plain), rtol=1e-4, atol=1e-5)
 
@@ -211,11 +212,11 @@ def test_paced_steps_equal_unpaced_and_run_in_segments(tiny_sdxl):
 def test_pace_outside_a_pacing_context_does_nothing():
     a = mx.ones((4,)) * 2
     pacing.pace(a)  # no pacer: nothing scheduled, nothing raised
-    pacer = pacing.Pacer(depth=1)
+    pacer = pacing.Pacer(stride=2, depth=1)
     with pacing.pacing(pacer):
-        for i in range(3):
+        for i in range(5):
             pacing.pace(a + i)
-    assert pacer.segments == 3
+    assert (pacer.boundaries, pacer.segments) == (5, 2)
 
 
 def test_wired_limit_is_raised_on_metal_and_restored(monkeypatch):

@@ -42,14 +42,21 @@ from ..spec import BASE, DECODE, ENCODE, REFINER, TEXT_ENCODERS
 
 GB = 10 ** 9
 
-# Activation-sized buffers alive at each stage's peak, per backend (see the module docstring).
-# Measured: "step" on this project's 2-core Linux VM (fp32, 256² and 512², base and refiner: 93–95)
-# and on an NVIDIA H100 (fp16, 1024²); "decode" (untiled) on the VM (fp32, 256² and 512²) and an
-# H200 (fp32 compute, 1024²); "tile" is the tiled decode's working set per pixel-channel of a tile.
+# Activation-sized buffers alive at each stage's peak, per backend (see the module docstring),
+# from full-size measurements with random weights (bench/measured/*-2026-11-27):
+# - "step", in first-level activations: 94 on this project's 2-core Linux VM (fp32, 256² and 512²,
+#   base and refiner: 93–95; the im2col buffers of MLX-CPU's convolutions are most of it), 29–31 on
+#   an H100 in low-memory mode and 47 in the default mode (fp16, 1024²): 40 there;
+# - "decode" (whole image), in full-resolution activations of the last level: 66–75 on the VM
+#   (fp32, 256², 512²), 45 on the H100 (fp32 compute, 1024²);
+# - "tile" (exact tiling), in one tile's pixels × the widest level's channels: 19–20 on the VM,
+#   4.8 on the H100 (tiles of 128 and 256 pixels); plus KEPT_MAPS full-resolution maps of the
+#   channels entering the last level, which the tiling keeps between GroupNorms (H100: 1.25).
 WORKING_BUFFERS = {
-    "cpu": {"text": 16.0, "step": 94.0, "decode": 66.0, "tile": 24.0},
-    "gpu": {"text": 16.0, "step": 40.0, "decode": 46.0, "tile": 8.0},
+    "cpu": {"text": 16.0, "step": 94.0, "decode": 70.0, "tile": 19.5},
+    "gpu": {"text": 16.0, "step": 40.0, "decode": 45.0, "tile": 4.8},
 }
+KEPT_MAPS = 1.25
 
 
 @dataclass(frozen=True)
@@ -202,7 +209,7 @@ def decode_working(config: dict, images: int, height: int, width: int, stored_it
     buffers = WORKING_BUFFERS[backend or _backend()]
     if tile_size is None or max(height, width) <= tile_size:
         return int(copy + buffers["decode"] * images * height * width * c[0] * e)
-    kept = images * height * width * (c[min(1, len(c) - 1)] + c[0]) * e  # the maps the exact tiling keeps
+    kept = KEPT_MAPS * images * height * width * c[min(1, len(c) - 1)] * e  # maps kept between GroupNorms
     tile = images * min(tile_size, height) * min(tile_size, width) * max(c) * e
     return int(copy + kept + buffers["tile"] * tile)
 

@@ -40,6 +40,12 @@ class Timings(Dict[str, Union[float, StageTiming]]):
         self.peak_memory = max(self.peak_memory, mx.get_peak_memory())
         mx.reset_peak_memory()
 
+    def record(self, stage: str, timing: StageTiming) -> None:
+        """A finished stage's figures; its peak counts toward the call's (a stage may reset
+        MLX's counter itself, as `Stage.run` does)."""
+        self[stage] = timing
+        self.peak_memory = max(self.peak_memory, timing.peak_memory)
+
     def finish(self) -> "Timings":
         self.peak_memory = max(self.peak_memory, mx.get_peak_memory())
         return self

@@ -57,9 +57,11 @@ def run_stages(pipe, stages: list, x: mx.array, callback: Optional[Callable], ti
 def run_stage(pipe, stage: Stage, x: mx.array, callback: Optional[Callable], timings: Timings) -> mx.array:
     """One stage. Its cross-attention keys and values live only inside `Stage.run`; in low-memory
     mode its UNet is released after it and MLX's buffer cache emptied."""
+    timings.start_stage()
     unet = pipe.models.get(stage.source, "unet", timings)
+    timings.start_stage()  # the load's peak counts toward the call's, not the stage's
     x, timing = stage.run(unet, x, callback, forward=pipe.models.forward(unet))
-    timings[stage.name] = dataclasses.replace(timing, weights_memory=pipe.models.resident_bytes())
+    timings.record(stage.name, dataclasses.replace(timing, weights_memory=pipe.models.resident_bytes()))
     del unet
     if pipe.low_memory:
         pipe.models.release(stage.source, "unet")
@@ -88,7 +90,7 @@ def condition(pipe, plan: Plan, timings: Timings) -> list:
                 raise nonfinite_error(f"the {stage.name}'s prompt embeddings hold NaN/inf", part,
                                       load(stage.source, part))
         stages.append(dataclasses.replace(stage, conditioning=cond))
-    timings[ENCODE] = StageTiming(time.perf_counter() - t0, 0, mx.get_peak_memory(), pipe.models.resident_bytes())
+    timings.record(ENCODE, StageTiming(time.perf_counter() - t0, 0, mx.get_peak_memory(), pipe.models.resident_bytes()))
     if pipe.low_memory:
         for source in filter(None, (pipe.base, pipe.refiner)):
             for part in TEXT_ENCODERS:
@@ -103,10 +105,11 @@ def output(pipe, x, plan: Plan, settings: list, callback, timings: Timings):
     t0 = time.perf_counter()
     timings.start_stage()
     vae = pipe.models.get(pipe.vae_source, "vae", timings)
+    timings.start_stage()
     images = pixels.decode_latents(vae, x, pipe.scaling_factor, tiled=True if pipe.low_memory else None)
     if callback is not None and callback(DECODE, 1, 1, x) is False:
         raise Cancelled()
-    timings[DECODE] = StageTiming(time.perf_counter() - t0, 1, mx.get_peak_memory(), pipe.models.resident_bytes())
+    timings.record(DECODE, StageTiming(time.perf_counter() - t0, 1, mx.get_peak_memory(), pipe.models.resident_bytes()))
     images = paste_results(images, plan)
     if request.output_type == "np":
         return images
