@@ -87,6 +87,32 @@ def measure(fn: Callable, args, repeats: int, warmup: int) -> dict:
     return {"seconds": stats(runs), "warmup_seconds": first, "peak_memory_bytes": mx.get_peak_memory()}
 
 
+def alternating(a, chosen: List[str], build: Callable, model_inputs: Callable, record: Callable) -> None:
+    """Per model, the chosen variants timed step for step in turn (rows <variant>+alternating);
+    each variant's peak is the largest of its timed runs."""
+    for name in a.models.split(","):
+        model = build(name)
+        args = model_inputs(name)
+        fns = [step_function(model, variant, args[2]) for variant in chosen]
+        runs = [[] for _ in fns]
+        peaks = [0] * len(fns)
+        for r in range(a.warmup + a.repeats):
+            for i, fn in enumerate(fns):
+                free()
+                mx.reset_peak_memory()
+                t0 = time.perf_counter()
+                mx.eval(fn(*args))
+                if r >= a.warmup:
+                    runs[i].append(time.perf_counter() - t0)
+                    peaks[i] = max(peaks[i], mx.get_peak_memory())
+        label = f"refiner_q{a.bits}" if name == "refiner_q" else name
+        for variant, times, peak in zip(chosen, runs, peaks):
+            record(label, f"{variant}+alternating",
+                   {"seconds": stats(times), "warmup_seconds": None, "peak_memory_bytes": peak}, model)
+        model = fns = None
+        free()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n\n")[0])
     p.add_argument("--dtype", default="float16")
@@ -165,31 +191,8 @@ def main(argv=None) -> int:
                        {"seconds": stats(times), "warmup_seconds": None, "peak_memory_bytes": peak}, model)
             fns = None
 
-    def alternating() -> None:
-        for name in a.models.split(","):
-            model = build(name)
-            args = model_inputs(name)
-            fns = [step_function(model, variant, args[2]) for variant in chosen]
-            runs = [[] for _ in fns]
-            peaks = [0] * len(fns)
-            for r in range(a.warmup + a.repeats):
-                for i, fn in enumerate(fns):
-                    free()
-                    mx.reset_peak_memory()
-                    t0 = time.perf_counter()
-                    mx.eval(fn(*args))
-                    if r >= a.warmup:
-                        runs[i].append(time.perf_counter() - t0)
-                        peaks[i] = max(peaks[i], mx.get_peak_memory())
-            label = f"refiner_q{a.bits}" if name == "refiner_q" else name
-            for variant, times, peak in zip(chosen, runs, peaks):
-                record(label, f"{variant}+alternating",
-                       {"seconds": stats(times), "warmup_seconds": None, "peak_memory_bytes": peak}, model)
-            model = fns = None
-            free()
-
     if a.interleave_variants:
-        alternating()
+        alternating(a, chosen, build, model_inputs, record)
         print(f"wrote {a.json}", file=sys.stderr)
         return 0
     for name in a.models.split(","):

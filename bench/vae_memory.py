@@ -10,9 +10,10 @@ image pixels, default `--tile-size`), measured one after another in this process
 runs once untimed, then `--repeats` timed runs (mx.eval synchronised); `peak_memory_bytes` is
 the largest `mx.get_peak_memory()` of a timed run, reset before each, weights included
 (`weights_bytes`; `working_bytes` = peak − weights); `rel_l2_vs_untiled` compares the output
-(the posterior mean for encode) with an earlier untiled mode's, when the list has one. `unfold_bytes` is the largest im2col buffer
-MLX-CPU's convolutions materialise (9 × a 3×3 conv's input, per output pixel): CPU peaks hold
-one, GPU backends (implicit GEMM) do not. Run on Linux CPUs with OpenBLAS preloaded:
+(the posterior mean for encode) with an earlier untiled mode's, when the list has one.
+`unfold_bytes` is the largest im2col buffer of one conv call (output pixels × 9 × input
+channels): MLX-CPU materialises it, and so, by the H100 peaks of 2026-11-27, does MLX-CUDA for
+these shapes. Run on Linux CPUs with OpenBLAS preloaded:
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 python -m bench.vae_memory ...
 """
 

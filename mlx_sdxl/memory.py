@@ -1,8 +1,9 @@
 """The machine's memory: how much there is, and keeping resident weights wired on a Mac.
 
-- `device_memory()`: the memory a generation can use, in bytes, and what it is: the GPU's memory
-  as MLX reports it (`mx.device_info()["memory_size"]`: on Apple silicon, the unified memory), or
-  the system RAM where MLX reports none (the CPU backend).
+- `device_memory()`: the memory a generation can use, in bytes, and what it is: on Apple silicon
+  the GPU's recommended working set (`mx.device_info()["max_recommended_working_set_size"]`, a share
+  of the unified memory), else the device memory MLX reports, or the system RAM where it
+  reports none (the CPU backend).
 - `wired_limit()`: on Metal, for the duration of a generation, MLX's wired limit is raised to the
   GPU's recommended working set (`max_recommended_working_set_size`), as mlx-lm does for large
   models. Memory under the wired limit stays resident: macOS does not compress or page out the
@@ -34,12 +35,18 @@ def system_ram() -> int:
         return 0
 
 
+MEMORY_KEYS = (("max_recommended_working_set_size", "recommended GPU working set"), ("memory_size", "memory"),
+               ("total_memory", "memory"))
+
+
 def device_memory() -> Tuple[int, str]:
-    """(bytes, what they are) of the memory MLX computes in."""
+    """(bytes, what they are) of the memory a generation can use: on a Mac, the GPU's recommended
+    working set (macOS keeps the rest of the unified memory for itself);
+    else the device's memory as MLX reports it, or the system RAM."""
     info = _info()
-    for key in ("memory_size", "total_memory"):
+    for key, what in MEMORY_KEYS:
         if info.get(key):
-            return int(info[key]), f"{info.get('device_name') or 'GPU'} memory"
+            return int(info[key]), f"{info.get('device_name') or 'GPU'} {what}"
     return system_ram(), "system RAM"
 
 

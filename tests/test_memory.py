@@ -244,7 +244,7 @@ def test_wired_limit_is_raised_on_metal_and_restored(monkeypatch):
 @pytest.mark.parametrize("size", [256, 512])
 def test_full_size_estimate_within_a_quarter_of_the_measured_peaks(size):
     """Full-size random weights, fp32, low memory (all of it would not fit in 24 GB): every
-    stage's measured peak is within 25% of the estimate, and so is its working memory."""
+    stage's measured peak is within 25% of the estimate, and its working memory within a factor 1.5."""
     from bench.models import random_source
 
     pipe = SDXLPipeline(random_source(BASE), random_source(REFINER), dtype=mx.float32, low_memory=True)
@@ -255,4 +255,4 @@ def test_full_size_estimate_within_a_quarter_of_the_measured_peaks(size):
         got = result.timings[stage.stage]
         assert abs(got.peak_memory / stage.peak - 1) <= 0.25, (stage, got)
         if stage.stage != ENCODE:  # the text encoders' few MB of activations are noise
-            assert abs(got.working_memory / stage.working - 1) <= 0.25, (stage, got)
+            assert 1 / 1.5 <= got.working_memory / stage.working <= 1.5, (stage, got)

@@ -5,12 +5,14 @@ the untiled one to relative L2 ≤ 1e-5, with many tiles, uneven last tiles, bat
 non-square images; diffusers' blended tiling (`tiled="blend"`) must not.
 
 The opt-in slow tests run the full-size SDXL VAE (random weights) at 256² and 512²
-(about 3 GB peak RSS, ~3 minutes on 2 CPU cores with OpenBLAS preloaded):
+(about 10 GB peak, the untiled 512² decode; ~4 minutes on 2 CPU cores with OpenBLAS preloaded):
     MLX_SDXL_SLOW=1 python3 -m pytest tests/test_vae_tiling.py -m slow
 There the reference is the untiled model with GroupNorm statistics taken in float64: MLX-CPU's
 own GroupNorm (mx.fast.layer_norm over a whole group, one long float32 sum) is itself off by
 ~1e-5 relative per norm at full size, 5e-4 after a 512² decode, so the plain untiled result is
-no yardstick for 1e-5 there (its distance is reported too).
+no yardstick for 1e-5 there (its distance is reported too). Measured 2026-11-27 (decode, encode):
+256²: 2.7e-6, 1.8e-6 from the reference (plain untiled: 8.3e-5, 3.9e-5 from it);
+512²: 2.6e-6, 1.9e-6 (plain untiled: 5.6e-4, 3.0e-4).
 """
 
 import os
@@ -109,7 +111,7 @@ def test_image_within_one_tile_runs_untiled(vae, grids):
     assert np.array_equal(np.array(vae.encode(x, tiled=True, tile_size=48).mean),
                           np.array(vae.encode(x, tiled=False).mean))
     assert grids == []
-    assert vae_tiling.DEFAULT_TILE_SIZE == 256
+    assert 48 <= vae_tiling.DEFAULT_TILE_SIZE  # so dict() above meant "within the default tile"
 
 
 def test_blended_tiling_differs(vae):
