@@ -196,7 +196,7 @@ def _memory_arguments(group) -> None:
     group.add_argument("--base-bits", dest="base_bits", type=int, choices=BITS,
                    help="quantize the base UNet to this many bits")
     group.add_argument("--low-memory", dest="low_memory", action="store_true", default=None,
-                   help="release each model when its stage is done; tiled VAE decode")
+                   help="release each model when its stage is done (see --dry-run for what each mode needs)")
     group.add_argument("--dtype", choices=DTYPES, help="float16 on GPU backends, float32 on CPU (default)")
     group.add_argument("--compile", action="store_true",
                    help="run each UNet step as one compiled MLX graph (the first run builds the kernels; "

@@ -82,6 +82,20 @@ def test_modes_and_sizes_move_the_estimate(tiny_sdxl):
     assert "fits" in plain.table() and "decode" in plain.table()
 
 
+def test_whole_image_decodes_on_request_and_the_estimate_follows(tiny_sdxl):
+    """`pipe.vae.tile_size = None`: the default decode takes the whole image at once (bit-equal to
+    tiled=False), and the estimate counts the whole-image decode's larger working memory."""
+    pipe = fresh(tiny_sdxl)
+    tiled = pipe.estimate_memory(512, 512).stage(DECODE).working
+    vae = pipe.vae
+    z = mx.random.normal((1, 24, 24, vae.config.latent_channels), key=mx.random.key(1))
+    assert not np.array_equal(np.array(vae.decode(z)), np.array(vae.decode(z, tiled=False)))  # tiled: rounding
+    vae.tile_size = None
+    np.testing.assert_array_equal(np.array(vae.decode(z)), np.array(vae.decode(z, tiled=False)))
+    assert pipe.estimate_memory(512, 512).stage(DECODE).working > tiled
+    assert pipe.estimate_memory(512, 512, low_memory=True).stage(DECODE).working == tiled  # low memory tiles
+
+
 def test_estimate_refuses_bad_settings(tiny_sdxl):
     pipe = fresh(tiny_sdxl)
     with pytest.raises(InputError, match="unexpected keyword|low_memory"):

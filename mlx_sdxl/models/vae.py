@@ -14,7 +14,9 @@ Precision policy (`upcast`, set by `load_vae` / `vae_from_weights`):
 
 Tiling (`tiled=` on decode / encode; `tile_size=` in image pixels, a multiple of 8):
 - None (default): exact tiling when the image is larger than one tile along either side
-  (the default tile is vae_tiling.DEFAULT_TILE_SIZE = 256 px), else untiled.
+  (the tile is the model's `tile_size` attribute, vae_tiling.DEFAULT_TILE_SIZE pixels unless
+  set; setting it to None makes the default untiled: faster on a GPU with memory to spare),
+  else untiled.
 - True or "exact": the same (an image that fits in one tile runs untiled).
 - False: never tile.
 - "blend": diffusers' enable_tiling. Each tile (`tile_size`, else `tile_sample_size`, default
@@ -241,6 +243,7 @@ class AutoencoderKL(nn.Module):
         self.upcast = upcast
         self.tile_sample_size = config.sample_size
         self.tile_overlap = 0.25
+        self.tile_size: Optional[int] = DEFAULT_TILE_SIZE  # exact tiles of tiled=None calls; None: untiled
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
@@ -311,7 +314,10 @@ class AutoencoderKL(nn.Module):
                 raise InputError(f"tile_size {tile} leaves blended tiles no stride at overlap {self.tile_overlap}; "
                                  f"accepted: tiles of at least {f} / (1 - overlap) pixels")
         else:
-            tile = DEFAULT_TILE_SIZE if tile_size is None else self._tile_pixels(tile_size)
+            default = self.tile_size if self.tile_size is not None else DEFAULT_TILE_SIZE
+            tile = self._tile_pixels(default if tile_size is None else tile_size)
+            if tiled is None and tile_size is None and self.tile_size is None:
+                return None, tile
         if tiled is False or max(height, width) <= tile:
             return None, tile
         return ("blend" if tiled == "blend" else "exact"), tile

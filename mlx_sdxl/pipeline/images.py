@@ -117,8 +117,9 @@ def encode_images(vae, pixels: np.ndarray, scaling_factor: float, keys: Optional
 
 
 def decode_latents(vae, latents: mx.array, scaling_factor: float, tiled: Optional[bool] = None) -> np.ndarray:
-    """Latents (scheduler space) → NHWC float32 images in [0, 1]; `tiled` None follows the VAE's setting.
-    The decode is evaluated block by block (so Ctrl-C is seen between blocks); NaN/inf pixels raise."""
+    """Latents (scheduler space) → NHWC float32 images in [0, 1]; `tiled` as `AutoencoderKL.decode`
+    (None: exact tiles when the image is larger than the VAE's `tile_size`). The decode is evaluated
+    tile by tile or, whole, block by block (so Ctrl-C is seen between them); NaN/inf pixels raise."""
     image = vae.decode(latents / scaling_factor, tiled=tiled, between_blocks=mx.eval).astype(mx.float32)
     bad = nonfinite(image)
     mx.eval(image, bad)

@@ -47,16 +47,16 @@ GB = 10 ** 9
 # - "step", in first-level activations: 94 on this project's 2-core Linux VM (fp32, 256² and 512²,
 #   base and refiner: 93–95; the im2col buffers of MLX-CPU's convolutions are most of it), 29–31 on
 #   an H100 in low-memory mode and 47 in the default mode (fp16, 1024²): 40 there;
-# - "decode" (whole image), in full-resolution activations of the last level: 66–75 on the VM
-#   (fp32, 256², 512²), 45 on the H100 (fp32 compute, 1024²);
-# - "tile" (exact tiling), in one tile's pixels × the widest level's channels: 19–20 on the VM,
-#   4.8 on the H100 (tiles of 128 and 256 pixels); plus KEPT_MAPS full-resolution maps of the
-#   channels entering the last level, which the tiling keeps between GroupNorms (H100: 1.25).
+# - "decode" (whole image), per image pixel, in channels of the last level (c₀): 75 on the VM, 44 on
+#   the H100, where the mid block's attention also holds its (H·W/64)² scores;
+# - exact tiles: 2·c₀ per image pixel for the full-resolution maps kept between GroupNorms, 4.4·c₀
+#   per pixel of a tile row for the halos, and "tile" · c₀ per pixel of a tile (two in flight):
+#   70 on the VM, 9.5 on the H100. These fit every VM and H100 decode measured within 2%.
 WORKING_BUFFERS = {
-    "cpu": {"text": 16.0, "step": 94.0, "decode": 70.0, "tile": 19.5},
-    "gpu": {"text": 16.0, "step": 40.0, "decode": 45.0, "tile": 4.8},
+    "cpu": {"text": 16.0, "step": 94.0, "decode": 75.0, "tile": 70.0},
+    "gpu": {"text": 16.0, "step": 40.0, "decode": 44.0, "tile": 9.5},
 }
-KEPT_MAPS = 1.25
+KEPT_MAPS, HALO_ROWS = 2.0, 4.4
 
 
 @dataclass(frozen=True)
@@ -205,13 +205,16 @@ def decode_working(config: dict, images: int, height: int, width: int, stored_it
     upcast = stored_itemsize == 2 and cfg.force_upcast
     e = 4 if upcast else stored_itemsize
     copy = 4 * _decoder_params(json.dumps(config, sort_keys=True, default=str)) if upcast else 0
-    c = cfg.block_out_channels
-    buffers = WORKING_BUFFERS[backend or _backend()]
+    c0 = cfg.block_out_channels[0]
+    backend = backend or _backend()
+    buffers = WORKING_BUFFERS[backend]
     if tile_size is None or max(height, width) <= tile_size:
-        return int(copy + buffers["decode"] * images * height * width * c[0] * e)
-    kept = KEPT_MAPS * images * height * width * c[min(1, len(c) - 1)] * e  # maps kept between GroupNorms
-    tile = images * min(tile_size, height) * min(tile_size, width) * max(c) * e
-    return int(copy + kept + buffers["tile"] * tile)
+        tokens = height * width // cfg.scale_factor ** 2  # the mid block attends over every latent
+        scores = tokens ** 2 if backend == "gpu" else 0
+        return int(copy + e * images * (buffers["decode"] * c0 * height * width + scores))
+    th, tw = min(tile_size, height), min(tile_size, width)
+    per_image = KEPT_MAPS * c0 * height * width + HALO_ROWS * c0 * th * width + buffers["tile"] * c0 * th * tw
+    return int(copy + e * images * per_image)
 
 
 @lru_cache(maxsize=8)
@@ -236,10 +239,16 @@ def _stage_parts(pipe, plan) -> Dict[str, List[tuple]]:
 
 
 def decode_tile_size(pipe, mode: Mode, height: int, width: int) -> Optional[int]:
-    """The tile size the pipeline's decode uses (runner.output), None when it decodes whole."""
+    """The tile size the pipeline's decode uses (runner.output: tiled in low-memory mode, else as
+    the VAE's `tile_size` says), None when it decodes the whole image at once."""
     from ..models.vae_tiling import DEFAULT_TILE_SIZE
 
-    return DEFAULT_TILE_SIZE if mode.low_memory or max(height, width) > DEFAULT_TILE_SIZE else None
+    loaded = [m for (part, _), m in pipe.models.items() if part == "vae"]
+    chosen = loaded[0].tile_size if loaded else DEFAULT_TILE_SIZE
+    tile = chosen or DEFAULT_TILE_SIZE
+    if max(height, width) <= tile or (chosen is None and not mode.low_memory):
+        return None
+    return tile
 
 
 def estimate(pipe, plan, mode: Mode) -> MemoryEstimate:

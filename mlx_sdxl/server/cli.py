@@ -64,7 +64,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="make a live preview at most every N steps, and only while a client asks (default "
                         f"{SERVER_PREVIEW_EVERY})")
     o.add_argument("--refiner-bits", type=int, choices=BITS, help="quantize the refiner UNet")
-    o.add_argument("--low-memory", action="store_true", help="release each model after its stage; tiled decode")
+    o.add_argument("--low-memory", action="store_true", help="release each model after its stage")
     o.add_argument("--dtype", choices=DTYPES, help="float16 on GPU backends, float32 on CPU (default)")
     o.add_argument("--compile", action="store_true", help="run each UNet step as one compiled MLX graph")
     return p
