@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
-import mlx.core as mx
 
 GIB = 2 ** 30
 

@@ -11,9 +11,9 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from mlx_sdxl.models.clip import CLIPTextConfig, CLIPTextModel
-from mlx_sdxl.models.unet import SDXL_BASE_CONFIG, SDXL_REFINER_CONFIG, UNet2DConditionModel, UNetConfig
-from mlx_sdxl.models.vae import AutoencoderKL, VAEConfig
+from mlx_sdxl.models.parts import build_part
+from mlx_sdxl.models.unet import SDXL_BASE_CONFIG, SDXL_REFINER_CONFIG, UNetConfig
+from mlx_sdxl.models.vae import VAEConfig
 from mlx_sdxl.sources import ModelSource, open_source
 from mlx_sdxl.spec import BASE, REFINER
 
@@ -92,12 +92,7 @@ def build_random(name: str, config: dict, dtype=None, seed: int = 0, evaluate: b
     """A model part with random parameters (MLX's default initialisation), evaluated once, or
     (`evaluate=False`) left lazy, to be made when first used, as weights mapped from a file are."""
     mx.random.seed(seed)
-    if name == "unet":
-        model = UNet2DConditionModel(UNetConfig.from_dict(config))
-    elif name == "vae":
-        model = AutoencoderKL(VAEConfig.from_dict(config))
-    else:
-        model = CLIPTextModel(CLIPTextConfig.from_dict(config))
+    model = build_part(name, config)
     if dtype is not None:
         model.set_dtype(dtype)
     model.eval()

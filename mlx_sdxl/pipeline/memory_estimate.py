@@ -36,9 +36,9 @@ from typing import Dict, List, Optional, Tuple
 import mlx.core as mx
 
 from ..memory import device_memory
-from ..models.unet import UNetConfig
+from ..models.parts import build_part
 from ..models.vae import VAEConfig
-from ..spec import BASE, DECODE, ENCODE, REFINER, TEXT_ENCODERS
+from ..spec import DECODE, ENCODE, REFINER, TEXT_ENCODERS
 
 GB = 10 ** 9
 
@@ -127,18 +127,8 @@ class MemoryEstimate:
 def _part_bytes(part: str, config_json: str, dtype_name: str, bits: Optional[int], group_size: int) -> int:
     from ..quantize import quantized_nbytes
 
-    config = json.loads(config_json)
-    dtype = getattr(mx, dtype_name)
-    if part == "unet":
-        from ..models.unet import UNet2DConditionModel
-        model = UNet2DConditionModel(UNetConfig.from_dict(config))
-    elif part == "vae":
-        from ..models.vae import AutoencoderKL
-        model = AutoencoderKL(VAEConfig.from_dict(config))
-    else:
-        from ..models.clip import CLIPTextConfig, CLIPTextModel
-        model = CLIPTextModel(CLIPTextConfig.from_dict(config))
-    return quantized_nbytes(model, bits, group_size, dtype=dtype)
+    model = build_part(part, json.loads(config_json))
+    return quantized_nbytes(model, bits, group_size, dtype=getattr(mx, dtype_name))
 
 
 def part_bytes(pipe, source, part: str, mode: Mode) -> int:
@@ -172,9 +162,7 @@ def _backend() -> str:
 def _unet_shape(config_json: str) -> Tuple[int, int, int]:
     """(Σ of the key widths of every transformer layer's cross-attention, the first level's
     channels, the weight count of the largest layer) of a UNet config."""
-    from ..models.unet import UNet2DConditionModel
-
-    model = UNet2DConditionModel(UNetConfig.from_dict(json.loads(config_json)))
+    model = build_part("unet", json.loads(config_json))
     kv_width = sum(block.attn2.to_k.weight.shape[0] for block in model.transformer_blocks())
     largest = max(m.weight.size for _, m in model.named_modules() if hasattr(m, "weight") and m.weight.ndim > 1)
     return kv_width, model.config.block_out_channels[0], largest
@@ -221,8 +209,7 @@ def decode_working(config: dict, images: int, height: int, width: int, stored_it
 def _decoder_params(config_json: str) -> int:
     from mlx.utils import tree_flatten
 
-    from ..models.vae import AutoencoderKL
-    vae = AutoencoderKL(VAEConfig.from_dict(json.loads(config_json)))
+    vae = build_part("vae", json.loads(config_json))
     parts = [vae.decoder, vae.post_quant_conv]
     return sum(v.size for p in parts for _, v in tree_flatten(p.parameters()))
 
