@@ -79,6 +79,7 @@ def test_modes_and_sizes_move_the_estimate(tiny_sdxl):
     assert unguided < guided  # no unconditional batch
     base_only = pipe.estimate_memory(64, 64, high_noise_frac=1.0)
     assert REFINER not in {s.stage for s in base_only.stages}
+    assert DECODE not in {s.stage for s in pipe.estimate_memory(64, 64, output_type="latent").stages}
     assert "fits" in plain.table() and "decode" in plain.table()
 
 

@@ -221,7 +221,8 @@ def _stage_parts(pipe, plan) -> Dict[str, List[tuple]]:
     text = [(st.source, p) for st in plan.stages for p in TEXT_ENCODERS if p in st.source.configs]
     parts = {ENCODE: text}
     parts.update({st.name: [(st.source, "unet")] for st in plan.stages})
-    parts[DECODE] = [(pipe.vae_source, "vae")]
+    if plan.request.output_type != "latent":
+        parts[DECODE] = [(pipe.vae_source, "vae")]
     return parts
 
 
@@ -255,8 +256,9 @@ def estimate(pipe, plan, mode: Mode) -> MemoryEstimate:
             (st.source.quantization.get("unet") or {}).get("bits")
         rows = images * (2 if st.guidance.active else 1)
         working[st.name] = step_working(st.source.configs["unet"], rows, lh, lw, e, bits)
-    working[DECODE] = decode_working(pipe.vae_source.configs["vae"], images, height, width, e,
-                                     decode_tile_size(pipe, mode, height, width))
+    if DECODE in parts:
+        working[DECODE] = decode_working(pipe.vae_source.configs["vae"], images, height, width, e,
+                                         decode_tile_size(pipe, mode, height, width))
     stages = tuple(StageMemory(name, resident[name], working[name]) for name in parts)
     total, what = device_memory()
     return MemoryEstimate(width, height, images, mode, stages, total, what)
